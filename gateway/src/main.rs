@@ -1,1 +1,259 @@
-fn main(){}
+//! `gateway`: the command-line shell around the library. Reads the config file, applies
+//! flags, resolves the fleet secret, binds the listener, installs tracing and signal
+//! handlers, then runs [`gateway::app::serve`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use gateway::config::{AuthMode, Config};
+use gateway::store::{devices, Store};
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "gateway", version, about = "Edge IoT gateway: devices in, SQLite store, MQTT out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Args, Default)]
+struct Common {
+    /// TOML config file (see gateway.example.toml). Without it, embedded defaults.
+    #[arg(long, short, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// SQLite file (overrides store.path).
+    #[arg(long)]
+    db: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default command).
+    Run(RunArgs),
+    /// Provision, list and revoke devices.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(clap::Args, Default)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Device TCP listener address (overrides tcp.listen), e.g. 0.0.0.0:7700.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Fleet secret for fleet tokens (overrides auth.fleet_secret).
+    #[arg(long, env = "GATEWAY_FLEET_SECRET", hide_env_values = true)]
+    fleet_secret: Option<String>,
+    /// How devices authenticate (overrides auth.mode).
+    #[arg(long, value_enum)]
+    auth: Option<AuthMode>,
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Provision a device and print its new token (shown once; the store keeps a hash).
+    Add {
+        /// The device id the device will send in Hello.
+        id: String,
+        /// Replace an existing token (the old one stops working).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List known devices.
+    List,
+    /// Refuse a device from its next Hello on, whatever token it presents.
+    Revoke {
+        /// The device id.
+        id: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
+            Command::Run(args) => run(args).await,
+            Command::Devices { command, common } => devices_cmd(command, common).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(common: &Common) -> anyhow::Result<Config> {
+    let mut config = match &common.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("config file {}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(db) = &common.db {
+        config.store.path = Some(db.clone());
+    }
+    Ok(config)
+}
+
+/// Reads the fleet secret file, or creates it with a fresh random secret (mode 0600).
+fn load_or_create_secret(path: &Path) -> anyhow::Result<(Vec<u8>, bool)> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let secret = text.trim();
+            if secret.is_empty() {
+                bail!("fleet secret file {} is empty", path.display());
+            }
+            Ok((secret.as_bytes().to_vec(), false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut raw = [0u8; 32];
+            rand::rng().fill_bytes(&mut raw);
+            let secret = hex::encode(raw);
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options
+                .open(path)
+                .with_context(|| format!("creating fleet secret file {}", path.display()))?;
+            std::io::Write::write_all(&mut file, format!("{secret}\n").as_bytes())
+                .with_context(|| format!("writing fleet secret file {}", path.display()))?;
+            Ok((secret.into_bytes(), true))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading fleet secret file {}", path.display())),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = load_config(&args.common)?;
+    if let Some(listen) = args.listen {
+        config.tcp.listen = listen;
+    }
+    if let Some(secret) = args.fleet_secret {
+        config.auth.fleet_secret = Some(secret);
+    }
+    if let Some(mode) = args.auth {
+        config.auth.mode = mode;
+    }
+    config.validate()?;
+
+    let fleet_secret = match (&config.auth.mode, config.auth.fleet_tokens, &config.auth.fleet_secret) {
+        (AuthMode::None, _, _) | (_, false, _) => None,
+        (_, true, Some(secret)) => Some(secret.as_bytes().to_vec()),
+        (_, true, None) => {
+            let path = config.fleet_secret_path();
+            let (secret, created) = load_or_create_secret(&path)?;
+            if created {
+                println!("fleet secret: created {}", path.display());
+            } else {
+                println!("fleet secret: {}", path.display());
+            }
+            Some(secret)
+        }
+    };
+
+    let listener = TcpListener::bind(config.tcp.listen)
+        .await
+        .with_context(|| format!("binding the device listener on {}", config.tcp.listen))?;
+    let local = listener.local_addr()?;
+    println!("store: {}", config.db_path().display());
+    println!("devices: listening on tcp://{local}");
+
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    gateway::app::serve(
+        gateway::app::Inputs {
+            config,
+            listener,
+            fleet_secret,
+            metrics: Arc::default(),
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::spawn(async move {
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        tracing::info!("signal received: shutting down (send it again to exit at once)");
+        shutdown.cancel();
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        eprintln!("gateway: second signal: exiting now");
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+async fn devices_cmd(command: DevicesCommand, common: Common) -> anyhow::Result<()> {
+    let config = load_config(&common)?;
+    config.validate()?;
+    let path = config.db_path();
+    let store = Store::open(&path, config.store.durability)
+        .await
+        .with_context(|| format!("opening the store {}", path.display()))?;
+    match command {
+        DevicesCommand::Add { id, force } => {
+            gateway::session::state::check_name("device id", &id).map_err(anyhow::Error::msg)?;
+            let token = devices::add(store.pool(), &id, force).await?;
+            println!("{token}");
+            eprintln!("device {id:?} provisioned; this token is shown once");
+        }
+        DevicesCommand::List => {
+            println!("{:<32} {:<8} {:<8} {:>12}", "DEVICE", "TOKEN", "REVOKED", "READINGS");
+            for d in devices::list(store.pool()).await? {
+                println!(
+                    "{:<32} {:<8} {:<8} {:>12}",
+                    d.device_id,
+                    if d.has_token { "yes" } else { "fleet" },
+                    if d.revoked_at_ms.is_some() { "yes" } else { "no" },
+                    d.readings
+                );
+            }
+        }
+        DevicesCommand::Revoke { id } => {
+            if !devices::revoke(store.pool(), &id).await? {
+                bail!("no device {id:?} in {}", path.display());
+            }
+            eprintln!("device {id:?} revoked: its next Hello is refused");
+        }
+    }
+    Ok(())
+}

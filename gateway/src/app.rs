@@ -1,0 +1,138 @@
+//! Wiring: opens the store, starts the writer, serves device links, logs a periodic summary,
+//! and shuts everything down in order within the configured deadline.
+//!
+//! Takes an already-bound listener, a validated config and a shutdown token; reads no config
+//! file and installs no signal handler (that is `main.rs`'s job), so tests run it in-process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::config::{AuthMode, Config};
+use crate::link::tcp;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::session::{Shared, Timers};
+use crate::store::{writer, Store};
+
+/// Everything `serve` needs besides the config.
+pub struct Inputs {
+    /// The validated configuration.
+    pub config: Config,
+    /// The bound device TCP listener.
+    pub listener: TcpListener,
+    /// The fleet secret, if fleet tokens are on.
+    pub fleet_secret: Option<Vec<u8>>,
+    /// Counters; pass your own to read them afterwards.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then drains and returns.
+pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Inputs {
+        config,
+        listener,
+        fleet_secret,
+        metrics,
+    } = inputs;
+    let db_path = config.db_path();
+    let mut store = Store::open(&db_path, config.store.durability)
+        .await
+        .with_context(|| format!("opening the store {}", db_path.display()))?;
+    let writer_conn = store
+        .take_writer_conn()
+        .context("the store's writer connection was already taken")?;
+    let (writer, writer_task) = writer::spawn(
+        writer_conn,
+        config.store.queue_frames,
+        config.store.batch_max_frames,
+        metrics.clone(),
+    );
+    if config.auth.mode == AuthMode::None {
+        tracing::warn!("auth.mode = none: every device is accepted without checking its token");
+    }
+    let shutdown_timeout = config.shutdown.timeout;
+    let shared = Arc::new(Shared {
+        writer,
+        auth: Authenticator::new(config.auth.mode, fleet_secret, store.pool().clone()),
+        registry: Registry::default(),
+        metrics: metrics.clone(),
+        pool: store.pool().clone(),
+        config: Timers {
+            hello_timeout: config.session.hello_timeout,
+            idle_timeout: config.session.idle_timeout,
+            write_timeout: config.session.write_timeout,
+            drain_timeout: shutdown_timeout / 2,
+        },
+    });
+    let reporter = tokio::spawn(report_periodically(metrics.clone(), shutdown.clone()));
+
+    let mut sessions = tcp::accept_loop(
+        listener,
+        shared.clone(),
+        config.tcp.max_frame_bytes,
+        shutdown.clone(),
+    )
+    .await;
+
+    // Shutdown: sessions stop reading, wait for their commits, ack and close.
+    tracing::info!(links = sessions.len(), "shutting down: draining device links");
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    let drained = timeout(shutdown_timeout, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(links = sessions.len(), "shutdown deadline reached; closing the remaining links");
+        sessions.abort_all();
+        while sessions.join_next().await.is_some() {}
+    }
+    // The last handle to the writer goes with `shared`; the writer then commits what it holds.
+    drop(shared);
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if timeout(remaining.max(Duration::from_secs(1)), writer_task).await.is_err() {
+        tracing::error!("the store writer did not finish in time; unacknowledged frames will be resent by devices");
+    }
+    reporter.abort();
+    log_summary(&metrics, "stopped");
+    Ok(())
+}
+
+/// Logs one summary line a minute while anything changes.
+async fn report_periodically(metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut last = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = (
+            Metrics::get(&metrics.frames_stored),
+            Metrics::get(&metrics.connections_accepted),
+        );
+        if now != last {
+            log_summary(&metrics, "running");
+            last = now;
+        }
+    }
+}
+
+fn log_summary(metrics: &Metrics, state: &str) {
+    tracing::info!(
+        sessions = metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed),
+        connections = Metrics::get(&metrics.connections_accepted),
+        frames_stored = Metrics::get(&metrics.frames_stored),
+        frames_duplicate = Metrics::get(&metrics.frames_duplicate),
+        readings_stored = Metrics::get(&metrics.readings_stored),
+        batches = Metrics::get(&metrics.batches_committed),
+        link_errors = ?metrics.link_error_summary(),
+        "gateway {state}"
+    );
+}

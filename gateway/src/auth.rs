@@ -1,0 +1,61 @@
+//! Device authentication at Hello: a per-device token provisioned with `gateway devices add`
+//! (stored hashed), or a fleet token derived from the fleet secret, or nothing at all with
+//! `auth.mode = "none"`. A revoked device is refused whatever it presents.
+
+use sqlx::SqlitePool;
+
+use crate::config::AuthMode;
+use crate::store::{devices, StoreError};
+
+/// Why a Hello was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown device or wrong token.
+    #[error("unknown device or wrong token")]
+    Failed,
+    /// The device was revoked by an operator.
+    #[error("device is revoked")]
+    Revoked,
+    /// The store could not be asked.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Checks Hello credentials against the store and the fleet secret.
+pub struct Authenticator {
+    mode: AuthMode,
+    /// `None` when fleet tokens are off.
+    fleet_secret: Option<Vec<u8>>,
+    pool: SqlitePool,
+}
+
+impl Authenticator {
+    /// An authenticator reading credentials from `pool`.
+    pub fn new(mode: AuthMode, fleet_secret: Option<Vec<u8>>, pool: SqlitePool) -> Self {
+        Self {
+            mode,
+            fleet_secret,
+            pool,
+        }
+    }
+
+    /// Whether `token` proves `device_id`.
+    pub async fn check(&self, device_id: &str, token: &str) -> Result<(), AuthError> {
+        if self.mode == AuthMode::None {
+            return Ok(());
+        }
+        let creds = devices::credentials(&self.pool, device_id).await?;
+        if let Some(creds) = &creds {
+            if creds.revoked_at_ms.is_some() {
+                return Err(AuthError::Revoked);
+            }
+            if creds.token_hash.as_deref() == Some(devices::hash_token(token).as_str()) {
+                return Ok(());
+            }
+        }
+        match &self.fleet_secret {
+            Some(secret) if proto::token::verify_fleet_token(secret, device_id, token) => Ok(()),
+            _ => Err(AuthError::Failed),
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The edge gateway as a library: device links in, SQLite store, (next) MQTT bridge out.
+//!
+//! [`app::serve`] takes a bound listener, a validated [`config::Config`] and a shutdown token;
+//! `main.rs` is a thin shell around it that reads files, parses the command line and installs
+//! signal handlers.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod link;
+pub mod metrics;
+pub mod registry;
+pub mod session;
+pub mod store;

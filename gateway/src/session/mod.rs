@@ -1,0 +1,44 @@
+//! Device sessions: the protocol state machine ([`state`]) and the task that runs it over a
+//! link ([`task`]), with what all sessions share ([`Shared`]).
+
+pub mod state;
+pub mod task;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+
+use crate::auth::Authenticator;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::writer::WriterHandle;
+
+/// Timers of every session, from `[session]` and `[shutdown]`.
+#[derive(Debug, Clone)]
+pub struct Timers {
+    /// A new link must say Hello within this.
+    pub hello_timeout: Duration,
+    /// A link silent this long is closed.
+    pub idle_timeout: Duration,
+    /// One write to a device may block this long.
+    pub write_timeout: Duration,
+    /// On shutdown, how long a session waits for its queued frames to commit.
+    pub drain_timeout: Duration,
+}
+
+/// What every session holds a reference to.
+pub struct Shared {
+    /// Where data frames go; bounded, blocks when full.
+    pub writer: WriterHandle,
+    /// Checks Hello credentials.
+    pub auth: Authenticator,
+    /// Device id to current link.
+    pub registry: Registry,
+    /// Gateway-wide counters.
+    pub metrics: Arc<Metrics>,
+    /// Read pool, for `last_seq` at Hello.
+    pub pool: SqlitePool,
+    /// Session timers.
+    pub config: Timers,
+}

@@ -1,0 +1,279 @@
+//! The task that runs one device link: reads frames, feeds them to the [`SessionState`],
+//! authenticates, queues data to the store writer, and sends `Ack`s as commits land.
+//!
+//! Generic over the link (any `Stream` of decoded messages and `Sink` of replies), so TCP and
+//! serial share it. It owns the link's timers (Hello timeout, idle timeout, write timeout)
+//! and its shutdown: on cancellation it stops reading, waits (bounded) for its queued frames
+//! to commit, sends the final `Ack` and `ERROR_CODE_SHUTTING_DOWN`, and closes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use proto::v1::{gateway_message, Ack, ErrorCode, GatewayMessage, HelloAck};
+use proto::CodecError;
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::state::{SessionState, Step};
+use super::Shared;
+use crate::auth::AuthError;
+use crate::store::writer::{Durable, WriteFrame};
+use crate::store::{devices, now_ms};
+
+/// Why a link ended (for the log line and the error frame).
+struct Closed {
+    code: Option<ErrorCode>,
+    reason: String,
+}
+
+impl Closed {
+    fn with(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            reason: reason.into(),
+        }
+    }
+    fn quietly(reason: impl Into<String>) -> Self {
+        Self {
+            code: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+fn codec_error_code(e: &CodecError) -> Option<ErrorCode> {
+    match e {
+        CodecError::BadFraming => Some(ErrorCode::BadFraming),
+        CodecError::FrameTooLarge { .. } => Some(ErrorCode::FrameTooLarge),
+        CodecError::Malformed(_) => Some(ErrorCode::MalformedMessage),
+        CodecError::Io(_) => None,
+    }
+}
+
+fn message(body: gateway_message::Body) -> GatewayMessage {
+    GatewayMessage { body: Some(body) }
+}
+
+/// Runs one link to its end. `peer` names it in logs ("tcp 127.0.0.1:5555").
+pub async fn run<L>(shared: Arc<Shared>, mut link: L, peer: String, shutdown: CancellationToken)
+where
+    L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
+        + Sink<GatewayMessage, Error = CodecError>
+        + Unpin,
+{
+    let span = tracing::debug_span!("link", %peer, device = tracing::field::Empty);
+    let _enter = span.enter();
+    let mut session = Session {
+        shared: &shared,
+        state: SessionState::new(),
+        last_forwarded: 0,
+        last_acked: 0,
+    };
+    let closed = session.serve(&mut link, &shutdown, &span).await;
+    if let Some(code) = closed.code {
+        shared.metrics.record_link_error(code);
+        let err = message(gateway_message::Body::Error(proto::v1::Error {
+            code: code as i32,
+            message: closed.reason.clone(),
+        }));
+        // Best effort: the peer may already be gone or not reading.
+        let _ = timeout(shared.config.write_timeout, link.send(err)).await;
+        match code {
+            ErrorCode::Superseded | ErrorCode::ShuttingDown => {
+                debug!(code = code.as_str_name(), "link closed: {}", closed.reason)
+            }
+            _ => warn!(code = code.as_str_name(), "link closed: {}", closed.reason),
+        }
+    } else {
+        debug!("link closed: {}", closed.reason);
+    }
+    let _ = timeout(Duration::from_secs(1), link.close()).await;
+}
+
+struct Session<'a> {
+    shared: &'a Shared,
+    state: SessionState,
+    /// Highest seq queued to the writer.
+    last_forwarded: u64,
+    /// Highest seq acknowledged to the device.
+    last_acked: u64,
+}
+
+impl Session<'_> {
+    async fn send<L>(&self, link: &mut L, msg: GatewayMessage) -> Result<(), Closed>
+    where
+        L: Sink<GatewayMessage, Error = CodecError> + Unpin,
+    {
+        match timeout(self.shared.config.write_timeout, link.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Closed::quietly(format!("write failed: {e}"))),
+            Err(_) => Err(Closed::quietly("device stopped reading (write timeout)")),
+        }
+    }
+
+    async fn serve<L>(&mut self, link: &mut L, shutdown: &CancellationToken, span: &tracing::Span) -> Closed
+    where
+        L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
+            + Sink<GatewayMessage, Error = CodecError>
+            + Unpin,
+    {
+        // Hello phase.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down"),
+            r = timeout(self.shared.config.hello_timeout, link.next()) => r,
+        };
+        let hello = match first {
+            Err(_) => return Closed::with(ErrorCode::HelloTimeout, "no Hello within the hello timeout"),
+            Ok(None) => return Closed::quietly("peer closed before Hello"),
+            Ok(Some(Err(e))) => return Closed { code: codec_error_code(&e), reason: e.to_string() },
+            Ok(Some(Ok(msg))) => match self.state.on_message(msg, now_ms() as u64) {
+                Step::Authenticate(hello) => hello,
+                Step::Close(code, reason) => return Closed::with(code, reason),
+                Step::Store { .. } | Step::Reply(_) => {
+                    return Closed::with(ErrorCode::HelloRequired, "the first message must be Hello")
+                }
+            },
+        };
+        let device: Arc<str> = Arc::from(hello.device_id.as_str());
+        span.record("device", &*device);
+        match self.shared.auth.check(&device, &hello.token).await {
+            Ok(()) => {}
+            Err(AuthError::Failed) => return Closed::with(ErrorCode::AuthFailed, "unknown device or wrong token"),
+            Err(AuthError::Revoked) => return Closed::with(ErrorCode::DeviceRevoked, "device is revoked"),
+            Err(AuthError::Store(e)) => return Closed::with(ErrorCode::Internal, format!("store: {e}")),
+        }
+        let last_seq = match devices::last_seq(&self.shared.pool, &device, hello.epoch).await {
+            Ok(s) => s,
+            Err(e) => return Closed::with(ErrorCode::Internal, format!("store: {e}")),
+        };
+        let registration = self.shared.registry.register(&device);
+        self.state.activate(device.clone(), hello.epoch);
+        self.shared.metrics.sessions_active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        debug!(epoch = hello.epoch, last_seq, firmware = %hello.firmware_version, "device said hello");
+
+        let closed = self
+            .active(link, shutdown, &registration.superseded, device.clone(), hello.epoch, last_seq)
+            .await;
+
+        self.shared.registry.unregister(&device, registration.conn);
+        self.shared.metrics.sessions_active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        closed
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn active<L>(
+        &mut self,
+        link: &mut L,
+        shutdown: &CancellationToken,
+        superseded: &CancellationToken,
+        device: Arc<str>,
+        epoch: u64,
+        last_seq: u64,
+    ) -> Closed
+    where
+        L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
+            + Sink<GatewayMessage, Error = CodecError>
+            + Unpin,
+    {
+        let hello_ack = message(gateway_message::Body::HelloAck(HelloAck {
+            last_seq,
+            server_time_ms: now_ms() as u64,
+        }));
+        if let Err(closed) = self.send(link, hello_ack).await {
+            return closed;
+        }
+        let (ack_tx, mut acks) = watch::channel(Durable::default());
+        let ack_tx = Arc::new(ack_tx);
+        let idle_timeout = self.shared.config.idle_timeout;
+        let idle = sleep(idle_timeout);
+        tokio::pin!(idle);
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    return self.drain(link, &mut acks).await;
+                }
+                _ = superseded.cancelled() => {
+                    return Closed::with(ErrorCode::Superseded, "a newer link of this device connected");
+                }
+                Ok(()) = acks.changed() => {
+                    if let Err(closed) = self.send_ack(link, &mut acks).await {
+                        return closed;
+                    }
+                }
+                _ = &mut idle => {
+                    return Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}"));
+                }
+                frame = link.next() => {
+                    let msg = match frame {
+                        None => return Closed::quietly("peer closed the link"),
+                        Some(Err(e)) => return Closed { code: codec_error_code(&e), reason: e.to_string() },
+                        Some(Ok(msg)) => msg,
+                    };
+                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    match self.state.on_message(msg, now_ms() as u64) {
+                        Step::Store { seq, body } => {
+                            let frame = WriteFrame {
+                                device: device.clone(),
+                                epoch,
+                                seq,
+                                received_ms: now_ms(),
+                                body,
+                                acks: ack_tx.clone(),
+                            };
+                            if self.shared.writer.send(frame).await.is_err() {
+                                return Closed::with(ErrorCode::ShuttingDown, "the store is closed");
+                            }
+                            self.last_forwarded = seq;
+                        }
+                        Step::Reply(reply) => {
+                            if let Err(closed) = self.send(link, reply).await {
+                                return closed;
+                            }
+                        }
+                        Step::Close(code, reason) => return Closed::with(code, reason),
+                        Step::Authenticate(_) => {
+                            return Closed::with(ErrorCode::UnexpectedHello, "this link already said Hello")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends an `Ack` for the newest durable seq, or closes if the commit failed.
+    async fn send_ack<L>(&mut self, link: &mut L, acks: &mut watch::Receiver<Durable>) -> Result<(), Closed>
+    where
+        L: Sink<GatewayMessage, Error = CodecError> + Unpin,
+    {
+        let durable = *acks.borrow_and_update();
+        if durable.failed {
+            return Err(Closed::with(ErrorCode::Internal, "the store failed to commit; reconnect and resend"));
+        }
+        if durable.seq > self.last_acked {
+            self.last_acked = durable.seq;
+            self.send(link, message(gateway_message::Body::Ack(Ack { seq: durable.seq }))).await?;
+        }
+        Ok(())
+    }
+
+    /// Shutdown: stop reading, wait (bounded) until what was queued is durable, ack it.
+    async fn drain<L>(&mut self, link: &mut L, acks: &mut watch::Receiver<Durable>) -> Closed
+    where
+        L: Sink<GatewayMessage, Error = CodecError> + Unpin,
+    {
+        let target = self.last_forwarded;
+        let wait = acks.wait_for(|d| d.failed || d.seq >= target);
+        if timeout(self.shared.config.drain_timeout, wait).await.is_err() {
+            warn!(target, "shutdown: queued frames were not committed in time; the device will resend them");
+        }
+        if let Err(closed) = self.send_ack(link, acks).await {
+            return closed;
+        }
+        Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down")
+    }
+}

@@ -1,0 +1,143 @@
+//! The read side of the store and device administration: credentials and `last_seq` for
+//! Hello, and `gateway devices add/list/revoke`. Runs on the shared pool, never on the
+//! writer's connection.
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::SqlitePool;
+
+use super::{now_ms, u64_from_sql, u64_to_sql, StoreError};
+
+/// What the store knows of a device's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Hex SHA-256 of its provisioned token, if it has one.
+    pub token_hash: Option<String>,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// One row of `gateway devices list`.
+#[derive(Debug, Clone)]
+pub struct DeviceRow {
+    /// The device's id.
+    pub device_id: String,
+    /// Whether it has a per-device token.
+    pub has_token: bool,
+    /// When it was revoked, if it was.
+    pub revoked_at_ms: Option<i64>,
+    /// When it was provisioned or first seen.
+    pub created_at_ms: i64,
+    /// Readings stored for it.
+    pub readings: i64,
+}
+
+/// Hex SHA-256 of a token, as stored.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Credentials of `device_id`, or `None` if the store has never heard of it.
+pub async fn credentials(pool: &SqlitePool, device_id: &str) -> Result<Option<Credentials>, StoreError> {
+    let row: Option<(Option<String>, Option<i64>)> =
+        sqlx::query_as("SELECT token_hash, revoked_at_ms FROM devices WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(token_hash, revoked_at_ms)| Credentials {
+        token_hash,
+        revoked_at_ms,
+    }))
+}
+
+/// The highest seq durably stored for (`device_id`, `epoch`), 0 if none.
+pub async fn last_seq(pool: &SqlitePool, device_id: &str, epoch: u64) -> Result<u64, StoreError> {
+    let seq: Option<i64> = sqlx::query_scalar(
+        "SELECT s.last_seq FROM streams s JOIN devices d ON d.id = s.device
+         WHERE d.device_id = ? AND s.epoch = ?",
+    )
+    .bind(device_id)
+    .bind(u64_to_sql(epoch))
+    .fetch_optional(pool)
+    .await?;
+    Ok(seq.map_or(0, u64_from_sql))
+}
+
+/// Why `devices add` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// The device already has an active token; rotating it needs `--force`.
+    #[error("device {0:?} already has a token; pass --force to replace it (the old token stops working)")]
+    HasToken(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Provisions `device_id` with a new random token and returns it. The store keeps only its
+/// hash. Clears a revocation.
+pub async fn add(pool: &SqlitePool, device_id: &str, force: bool) -> Result<String, AddError> {
+    let mut raw = [0u8; 24];
+    rand::rng().fill_bytes(&mut raw);
+    let token = hex::encode(raw);
+    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let existing = sqlx::query_as::<_, (Option<String>, Option<i64>)>(
+        "SELECT token_hash, revoked_at_ms FROM devices WHERE device_id = ?",
+    )
+    .bind(device_id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(StoreError::from)?;
+    if let Some((Some(_), None)) = existing {
+        if !force {
+            return Err(AddError::HasToken(device_id.to_owned()));
+        }
+    }
+    sqlx::query(
+        "INSERT INTO devices (device_id, token_hash, created_at_ms) VALUES (?, ?, ?)
+         ON CONFLICT (device_id) DO UPDATE SET token_hash = excluded.token_hash, revoked_at_ms = NULL",
+    )
+    .bind(device_id)
+    .bind(hash_token(&token))
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from)?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(token)
+}
+
+/// Revokes `device_id`: its next Hello is refused whatever token it presents. Returns false
+/// if the device is unknown.
+pub async fn revoke(pool: &SqlitePool, device_id: &str) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE devices SET revoked_at_ms = COALESCE(revoked_at_ms, ?) WHERE device_id = ?",
+    )
+    .bind(now_ms())
+    .bind(device_id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Every known device, by id.
+pub async fn list(pool: &SqlitePool) -> Result<Vec<DeviceRow>, StoreError> {
+    let rows: Vec<(String, Option<String>, Option<i64>, i64, i64)> = sqlx::query_as(
+        "SELECT d.device_id, d.token_hash, d.revoked_at_ms, d.created_at_ms,
+                (SELECT COUNT(*) FROM readings r JOIN series se ON se.id = r.series
+                  WHERE se.device = d.id)
+         FROM devices d ORDER BY d.device_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(device_id, token_hash, revoked_at_ms, created_at_ms, readings)| DeviceRow {
+            device_id,
+            has_token: token_hash.is_some(),
+            revoked_at_ms,
+            created_at_ms,
+            readings,
+        })
+        .collect())
+}

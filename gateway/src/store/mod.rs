@@ -1,0 +1,129 @@
+//! The SQLite store: opening the file with the configured durability, applying
+//! `migrations/`, the batching writer ([`writer`]) and the read side ([`devices`]).
+//!
+//! The writer owns one connection of its own and is the only task that writes readings;
+//! everything else (Hello look-ups, device administration) uses a separate small pool, so a
+//! slow query never stalls ingest. The schema interns device and sensor names into integer
+//! keys; users read the `telemetry` and `events` views.
+
+pub mod devices;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::ConnectOptions;
+
+use crate::config::Durability;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("cannot create directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// SQLite refused an operation.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("applying migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// An opened store: the writer's dedicated connection (until [`Store::take_writer_conn`])
+/// and a pool for everything else.
+pub struct Store {
+    pool: SqlitePool,
+    writer_conn: Option<SqliteConnection>,
+    path: PathBuf,
+}
+
+/// Milliseconds since the Unix epoch, by the gateway's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn connect_options(path: &Path, durability: Durability) -> Result<SqliteConnectOptions, StoreError> {
+    let synchronous = match durability {
+        Durability::ProcessCrash => SqliteSynchronous::Normal,
+        Durability::PowerLoss => SqliteSynchronous::Full,
+    };
+    Ok(SqliteConnectOptions::from_str("sqlite:")?
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(synchronous)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(false)
+        // Per-statement logging would be per batch at info level; keep it out of the way.
+        .log_statements(tracing::log::LevelFilter::Trace))
+}
+
+impl Store {
+    /// Opens (creating if missing) the SQLite file at `path` and applies the migrations.
+    pub async fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let options = connect_options(path, durability)?;
+        let mut writer_conn = options.connect().await?;
+        sqlx::migrate!("../migrations").run(&mut writer_conn).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            pool,
+            writer_conn: Some(writer_conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The pool for reads and administration.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hands the dedicated writer connection over (once).
+    pub fn take_writer_conn(&mut self) -> Option<SqliteConnection> {
+        self.writer_conn.take()
+    }
+
+    /// Total readings stored (for start-up and shutdown logs).
+    pub async fn reading_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM readings")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
+
+/// A u64 from the wire as the SQLite integer with the same bits.
+pub fn u64_to_sql(v: u64) -> i64 {
+    v as i64
+}
+
+/// The inverse of [`u64_to_sql`].
+pub fn u64_from_sql(v: i64) -> u64 {
+    v as u64
+}
