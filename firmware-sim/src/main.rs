@@ -1,1 +1,126 @@
-fn main(){}
+//! `firmware-sim`: plays fleets of devices against a gateway and reports what it
+//! acknowledged. Exits non-zero when anything is still unacknowledged after the drain period.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use firmware_sim::{run_fleet, FleetConfig};
+
+#[derive(Parser)]
+#[command(name = "firmware-sim", version, about = "Simulated device fleets for the gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a fleet of identical devices over TCP.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The gateway's device listener.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    gateway: String,
+    /// Number of devices.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Frames per second per device (0: as fast as acks allow).
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Readings per frame.
+    #[arg(long, default_value_t = 8)]
+    readings: usize,
+    /// Seconds of producing frames.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to wait for outstanding acks afterwards.
+    #[arg(long, default_value_t = 10.0)]
+    drain: f64,
+    /// Most unacknowledged frames per device.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Fleet secret: each device's token is HMAC-SHA256(secret, device_id).
+    #[arg(long, env = "GATEWAY_FLEET_SECRET", hide_env_values = true)]
+    fleet_secret: Option<String>,
+    /// A token every device presents (a provisioned device, or a gateway with --auth none).
+    #[arg(long, conflicts_with = "fleet_secret")]
+    token: Option<String>,
+    /// Device id prefix (ids are PREFIX00000, PREFIX00001, ...).
+    #[arg(long, default_value = "sim-")]
+    prefix: String,
+    /// Epoch of every device (default: the start time in ms).
+    #[arg(long)]
+    epoch: Option<u64>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn seconds(name: &str, s: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("--{name} must be a non-negative number of seconds"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Run(args) = cli.command;
+    let config = match (seconds("duration", args.duration), seconds("drain", args.drain)) {
+        (Ok(duration), Ok(drain)) if args.rate >= 0.0 && args.rate.is_finite() => FleetConfig {
+            gateway: args.gateway,
+            devices: args.devices,
+            rate: args.rate,
+            readings: args.readings,
+            duration,
+            drain,
+            window: args.window,
+            fleet_secret: args.fleet_secret,
+            token: args.token,
+            prefix: args.prefix,
+            epoch: args.epoch,
+            ..FleetConfig::default()
+        },
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("firmware-sim: {e}");
+            return ExitCode::from(2);
+        }
+        _ => {
+            eprintln!("firmware-sim: --rate must be a non-negative number");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("firmware-sim: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(run_fleet(config));
+    if args.json {
+        match serde_json::to_string(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => eprintln!("firmware-sim: cannot encode the report: {e}"),
+        }
+    } else {
+        print!("{}", report.to_table());
+    }
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "firmware-sim: {} frames unacknowledged, {} devices refused",
+            report.unacked_frames, report.devices_refused
+        );
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,350 @@
+//! One simulated device: what well-behaved firmware does on a TCP link.
+//!
+//! It says Hello, drops what the HelloAck says is stored, resends the rest, then sends
+//! Telemetry at its rate while keeping every unacknowledged frame (up to its window), pings
+//! when idle, and on any loss reconnects with capped, jittered exponential back-off. Frames
+//! are encoded once and resent byte for byte. It never stores state the gateway could lose:
+//! the gateway's acks are the only thing that lets it forget a frame.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use prost::Message;
+use proto::v1::{device_message::Body, gateway_message, DeviceMessage, ErrorCode, GatewayMessage, Hello, Ping, Reading, Telemetry};
+use proto::DelimitedCodec;
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_util::codec::FramedRead;
+
+use crate::report::FleetStats;
+
+/// Who a device is and how it behaves.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// Its device id.
+    pub id: String,
+    /// The token it presents.
+    pub token: String,
+    /// Its epoch (sequence space).
+    pub epoch: u64,
+    /// Readings per Telemetry frame.
+    pub readings: usize,
+    /// Frames per second; 0 sends as fast as the window allows.
+    pub rate: f64,
+    /// Most unacknowledged frames it holds before it stops sending new ones.
+    pub window: usize,
+    /// Ping after this long without sending anything.
+    pub keepalive: Duration,
+}
+
+/// When a device starts, stops producing and gives up waiting for acks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// First connection attempt.
+    pub start_at: Instant,
+    /// No new frames from here on.
+    pub stop_at: Instant,
+    /// Stop waiting for acks here.
+    pub drain_until: Instant,
+}
+
+/// How one device's run ended.
+#[derive(Debug, Clone)]
+pub struct DeviceOutcome {
+    /// Its device id.
+    pub device_id: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Frames it created and sent at least once.
+    pub frames_sent: u64,
+    /// Distinct frames the gateway acknowledged.
+    pub frames_acked: u64,
+    /// Readings in those frames.
+    pub readings_acked: u64,
+    /// Highest seq acknowledged.
+    pub last_acked_seq: u64,
+    /// Frames still unacknowledged at the end.
+    pub unacked: u64,
+    /// Set when the gateway refused the device for good (bad or revoked token).
+    pub gave_up: Option<ErrorCode>,
+}
+
+struct Pending {
+    seq: u64,
+    bytes: Bytes,
+    readings: u64,
+    first_sent: Instant,
+}
+
+enum LinkEnd {
+    /// The link broke or the gateway closed it: reconnect.
+    Lost,
+    /// The gateway refused this device for good.
+    Refused(ErrorCode),
+    /// Nothing left to do.
+    Done,
+}
+
+/// Plausible sensor names and (base, amplitude) of their values.
+const SENSORS: &[(&str, f64, f64)] = &[
+    ("temperature", 21.0, 4.0),
+    ("humidity", 45.0, 10.0),
+    ("pressure", 1013.0, 8.0),
+    ("voltage", 230.0, 3.0),
+    ("current", 4.0, 1.5),
+    ("power", 900.0, 300.0),
+    ("co2", 600.0, 150.0),
+    ("light", 300.0, 250.0),
+];
+
+/// The name of sensor `i` of a device.
+pub fn sensor_name(i: usize) -> String {
+    match SENSORS.get(i) {
+        Some((name, _, _)) => (*name).to_owned(),
+        None => format!("sensor_{i}"),
+    }
+}
+
+fn encode(msg: &DeviceMessage) -> Bytes {
+    let mut buf = BytesMut::with_capacity(msg.encoded_len() + 4);
+    // Cannot fail: the buffer grows as needed.
+    let _ = msg.encode_length_delimited(&mut buf);
+    buf.freeze()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A simulated device and its unacknowledged frames.
+pub struct Device {
+    spec: DeviceSpec,
+    names: Vec<String>,
+    phase: f64,
+    next_seq: u64,
+    pending: VecDeque<Pending>,
+    outcome: DeviceOutcome,
+    stats: Arc<FleetStats>,
+}
+
+impl Device {
+    /// A device that has sent nothing yet.
+    pub fn new(spec: DeviceSpec, stats: Arc<FleetStats>) -> Self {
+        let names = (0..spec.readings).map(sensor_name).collect();
+        let outcome = DeviceOutcome {
+            device_id: spec.id.clone(),
+            epoch: spec.epoch,
+            frames_sent: 0,
+            frames_acked: 0,
+            readings_acked: 0,
+            last_acked_seq: 0,
+            unacked: 0,
+            gave_up: None,
+        };
+        Self {
+            names,
+            phase: rand::rng().random_range(0.0..std::f64::consts::TAU),
+            next_seq: 1,
+            pending: VecDeque::new(),
+            outcome,
+            stats,
+            spec,
+        }
+    }
+
+    fn next_frame(&mut self) -> Pending {
+        let ts = now_ms();
+        let t = ts as f64 / 60_000.0;
+        let mut rng = rand::rng();
+        let readings = self
+            .names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let (base, amp) = SENSORS.get(i).map_or((0.0, 1.0), |s| (s.1, s.2));
+                Reading {
+                    sensor: name.clone(),
+                    value: base + amp * (t + self.phase + i as f64).sin() + rng.random_range(-0.05..0.05) * amp,
+                    timestamp_ms: ts,
+                }
+            })
+            .collect();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let msg = DeviceMessage {
+            seq,
+            body: Some(Body::Telemetry(Telemetry { readings })),
+        };
+        Pending {
+            seq,
+            bytes: encode(&msg),
+            readings: self.names.len() as u64,
+            first_sent: Instant::now(),
+        }
+    }
+
+    /// Forgets every frame at or below `seq`: the gateway holds them durably.
+    fn acked(&mut self, seq: u64) {
+        let mut latencies = Vec::new();
+        while self.pending.front().is_some_and(|p| p.seq <= seq) {
+            let Some(p) = self.pending.pop_front() else { break };
+            self.outcome.frames_acked += 1;
+            self.outcome.readings_acked += p.readings;
+            latencies.push(p.first_sent.elapsed());
+        }
+        if seq > self.outcome.last_acked_seq {
+            self.outcome.last_acked_seq = seq;
+        }
+        self.stats.record_acks(&latencies);
+    }
+
+    /// Runs the device until its timing says stop; returns how it ended.
+    pub async fn run(mut self, gateway: &str, timing: Timing) -> DeviceOutcome {
+        sleep_until(timing.start_at).await;
+        let mut backoff = Duration::from_millis(100);
+        let mut connected_before = false;
+        loop {
+            if Instant::now() >= timing.drain_until || (Instant::now() >= timing.stop_at && self.pending.is_empty()) {
+                break;
+            }
+            if connected_before {
+                self.stats.inc_reconnects();
+            }
+            connected_before = true;
+            match self.link(gateway, timing, &mut backoff).await {
+                LinkEnd::Done => break,
+                LinkEnd::Refused(code) => {
+                    self.outcome.gave_up = Some(code);
+                    break;
+                }
+                LinkEnd::Lost => {
+                    let jitter = rand::rng().random_range(0.5..1.5);
+                    let wait = backoff.mul_f64(jitter);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = sleep(wait) => {}
+                        _ = sleep_until(timing.drain_until) => break,
+                    }
+                }
+            }
+        }
+        self.outcome.unacked = self.pending.len() as u64;
+        self.outcome
+    }
+
+    async fn link(&mut self, gateway: &str, timing: Timing, backoff: &mut Duration) -> LinkEnd {
+        let Ok(Ok(stream)) = timeout(Duration::from_secs(5), TcpStream::connect(gateway)).await else {
+            return LinkEnd::Lost;
+        };
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let mut reader = FramedRead::new(read, DelimitedCodec::<GatewayMessage>::default());
+        let hello = encode(&DeviceMessage {
+            seq: 0,
+            body: Some(Body::Hello(Hello {
+                device_id: self.spec.id.clone(),
+                token: self.spec.token.clone(),
+                firmware_version: concat!("firmware-sim/", env!("CARGO_PKG_VERSION")).into(),
+                epoch: self.spec.epoch,
+            })),
+        });
+        if write.write_all(&hello).await.is_err() {
+            return LinkEnd::Lost;
+        }
+        let answer = tokio::select! {
+            a = timeout(Duration::from_secs(10), reader.next()) => a,
+            _ = sleep_until(timing.drain_until) => return LinkEnd::Done,
+        };
+        let last_seq = match answer {
+            Ok(Some(Ok(GatewayMessage { body: Some(gateway_message::Body::HelloAck(ack)) }))) => ack.last_seq,
+            Ok(Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Error(e)) }))) => {
+                return self.on_error(&e);
+            }
+            _ => return LinkEnd::Lost,
+        };
+        *backoff = Duration::from_millis(100);
+        self.acked(last_seq);
+        // Resend everything the gateway does not have, byte for byte, in one write.
+        if !self.pending.is_empty() {
+            let mut resend = BytesMut::new();
+            for p in &self.pending {
+                resend.extend_from_slice(&p.bytes);
+            }
+            self.stats.add_resent(self.pending.len() as u64);
+            if write.write_all(&resend).await.is_err() {
+                return LinkEnd::Lost;
+            }
+        }
+        self.connected(&mut reader, &mut write, timing).await
+    }
+
+    fn on_error(&mut self, e: &proto::v1::Error) -> LinkEnd {
+        let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+        self.stats.record_error(code);
+        match code {
+            ErrorCode::AuthFailed | ErrorCode::DeviceRevoked => LinkEnd::Refused(code),
+            _ => LinkEnd::Lost,
+        }
+    }
+
+    async fn connected(
+        &mut self,
+        reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, DelimitedCodec<GatewayMessage>>,
+        write: &mut OwnedWriteHalf,
+        timing: Timing,
+    ) -> LinkEnd {
+        let period = (self.spec.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / self.spec.rate));
+        let mut next_send = Instant::now();
+        let mut last_write = Instant::now();
+        loop {
+            let producing = Instant::now() < timing.stop_at;
+            if !producing && self.pending.is_empty() {
+                return LinkEnd::Done;
+            }
+            let can_send = producing && self.pending.len() < self.spec.window;
+            tokio::select! {
+                biased;
+                msg = reader.next() => match msg {
+                    Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Ack(ack)) })) => self.acked(ack.seq),
+                    Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Error(e)) })) => return self.on_error(&e),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return LinkEnd::Lost,
+                },
+                _ = sleep_until(timing.drain_until) => return LinkEnd::Done,
+                _ = sleep_until(timing.stop_at), if producing => {}
+                _ = sleep_until(next_send), if can_send => {
+                    let frame = self.next_frame();
+                    let ok = write.write_all(&frame.bytes).await.is_ok();
+                    self.outcome.frames_sent += 1;
+                    self.stats.add_sent(1);
+                    self.pending.push_back(frame);
+                    if !ok {
+                        return LinkEnd::Lost;
+                    }
+                    last_write = Instant::now();
+                    next_send = match period {
+                        // Keep the average rate; do not burst to catch up after a stall.
+                        Some(p) => (next_send + p).max(Instant::now() - p),
+                        None => Instant::now(),
+                    };
+                }
+                _ = sleep_until(last_write + self.spec.keepalive) => {
+                    let ping = encode(&DeviceMessage { seq: 0, body: Some(Body::Ping(Ping {})) });
+                    if write.write_all(&ping).await.is_err() {
+                        return LinkEnd::Lost;
+                    }
+                    last_write = Instant::now();
+                }
+            }
+        }
+    }
+}

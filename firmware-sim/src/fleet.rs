@@ -1,0 +1,125 @@
+//! A fleet: N devices with the same behaviour, started over a ramp so a large fleet does not
+//! open every connection in the same millisecond, stopped by time, drained, and reported.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::device::{Device, DeviceSpec, Timing};
+use crate::report::{FleetStats, Report};
+
+/// How to run a fleet.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The gateway's device listener, `HOST:PORT`.
+    pub gateway: String,
+    /// Number of devices.
+    pub devices: usize,
+    /// Frames per second per device; 0 sends as fast as the window allows.
+    pub rate: f64,
+    /// Readings per frame.
+    pub readings: usize,
+    /// How long devices produce new frames.
+    pub duration: Duration,
+    /// After `duration`, how long to wait for outstanding acks.
+    pub drain: Duration,
+    /// Most unacknowledged frames per device.
+    pub window: usize,
+    /// Derive each device's token from this fleet secret.
+    pub fleet_secret: Option<String>,
+    /// Or present this token (for a provisioned device, or a gateway with auth off).
+    pub token: Option<String>,
+    /// Device ids are this prefix followed by a 5-digit index.
+    pub prefix: String,
+    /// Epoch of every device; default: the start time in milliseconds.
+    pub epoch: Option<u64>,
+    /// Devices start spread over this period.
+    pub ramp: Duration,
+    /// Devices ping after this long without sending.
+    pub keepalive: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            gateway: "127.0.0.1:7700".into(),
+            devices: 10,
+            rate: 1.0,
+            readings: 8,
+            duration: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
+            window: 256,
+            fleet_secret: None,
+            token: None,
+            prefix: "sim-".into(),
+            epoch: None,
+            ramp: Duration::from_millis(500),
+            keepalive: Duration::from_secs(20),
+        }
+    }
+}
+
+impl FleetConfig {
+    /// The id of device `i`.
+    pub fn device_id(&self, i: usize) -> String {
+        format!("{}{i:05}", self.prefix)
+    }
+
+    fn token_for(&self, device_id: &str) -> String {
+        match (&self.fleet_secret, &self.token) {
+            (Some(secret), _) => proto::token::fleet_token(secret.as_bytes(), device_id),
+            (None, Some(token)) => token.clone(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// Runs the fleet to the end of its drain period and reports.
+pub async fn run_fleet(config: FleetConfig) -> Report {
+    let stats = Arc::new(FleetStats::default());
+    let start = Instant::now();
+    let epoch = config.epoch.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1)
+    });
+    let ramp = config.ramp.min(config.duration);
+    let stop_at = start + ramp + config.duration;
+    let drain_until = stop_at + config.drain;
+    let mut devices = JoinSet::new();
+    let mut rng = rand::rng();
+    for i in 0..config.devices {
+        let id = config.device_id(i);
+        let spec = DeviceSpec {
+            token: config.token_for(&id),
+            id,
+            epoch,
+            readings: config.readings,
+            rate: config.rate,
+            window: config.window.max(1),
+            keepalive: config.keepalive,
+        };
+        let offset = if ramp.is_zero() { Duration::ZERO } else { ramp.mul_f64(rng.random_range(0.0..1.0)) };
+        let timing = Timing {
+            start_at: start + offset,
+            stop_at,
+            drain_until,
+        };
+        let gateway = config.gateway.clone();
+        let device = Device::new(spec, stats.clone());
+        devices.spawn(async move { device.run(&gateway, timing).await });
+    }
+    let mut outcomes = Vec::with_capacity(config.devices);
+    while let Some(done) = devices.join_next().await {
+        match done {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) => tracing::error!(error = %e, "a simulated device task failed"),
+        }
+    }
+    outcomes.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    Report::new(&stats, outcomes, start.elapsed(), ramp + config.duration)
+}

@@ -1,0 +1,12 @@
+//! `firmware-sim` as a library: simulated devices that speak the gateway's device protocol
+//! the way real firmware must (Hello, keep unacknowledged frames, resend after HelloAck,
+//! reconnect with back-off), fleets of them, and a report of what the gateway acknowledged.
+//!
+//! The gateway's tests use it as a dev-dependency; the `firmware-sim` binary is a thin CLI.
+
+pub mod device;
+pub mod fleet;
+pub mod report;
+
+pub use fleet::{run_fleet, FleetConfig};
+pub use report::Report;

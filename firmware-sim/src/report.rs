@@ -1,0 +1,177 @@
+//! What a fleet run measured: shared counters updated by every device ([`FleetStats`]) and
+//! the final [`Report`], printed as a table or as one JSON object.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use proto::v1::ErrorCode;
+use serde::Serialize;
+
+use crate::device::DeviceOutcome;
+
+/// Counters shared by all devices of a fleet.
+pub struct FleetStats {
+    frames_sent: AtomicU64,
+    frames_resent: AtomicU64,
+    reconnects: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    /// Ack latency in microseconds, from a frame's first send to its ack.
+    latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for FleetStats {
+    fn default() -> Self {
+        Self {
+            frames_sent: AtomicU64::new(0),
+            frames_resent: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            // 1 µs to 1 hour at 3 significant digits; the bounds are constants, so this
+            // cannot fail.
+            latency_us: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!()),
+            ),
+        }
+    }
+}
+
+impl FleetStats {
+    pub(crate) fn add_sent(&self, n: u64) {
+        self.frames_sent.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn add_resent(&self, n: u64) {
+        self.frames_resent.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn inc_reconnects(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn record_error(&self, code: ErrorCode) {
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        *errors.entry(code.as_str_name().to_owned()).or_default() += 1;
+    }
+    pub(crate) fn record_acks(&self, latencies: &[Duration]) {
+        if latencies.is_empty() {
+            return;
+        }
+        let mut h = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        for l in latencies {
+            h.saturating_record(l.as_micros().clamp(1, u64::MAX as u128) as u64);
+        }
+    }
+}
+
+/// Ack latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Latency {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Largest seen.
+    pub max_ms: f64,
+}
+
+/// The outcome of a fleet run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Devices in the fleet.
+    pub devices: usize,
+    /// Wall time of the run, drain included, in seconds.
+    pub elapsed_s: f64,
+    /// Distinct frames created and sent at least once.
+    pub frames_sent: u64,
+    /// Distinct frames acknowledged (each once, however often it was resent).
+    pub frames_acked: u64,
+    /// Readings in the acknowledged frames: what the store must hold.
+    pub readings_acked: u64,
+    /// Frame resends after reconnects.
+    pub frames_resent: u64,
+    /// Connections made after a device's first.
+    pub reconnects: u64,
+    /// Frames still unacknowledged when the drain period ended.
+    pub unacked_frames: u64,
+    /// Devices the gateway refused for good (bad or revoked token).
+    pub devices_refused: u64,
+    /// Error frames received, by code name.
+    pub errors: BTreeMap<String, u64>,
+    /// Ack latency of acknowledged frames.
+    pub ack_latency: Latency,
+    /// Acknowledged readings per second of the producing period.
+    pub readings_per_s: f64,
+    /// Per-device outcomes (not printed).
+    #[serde(skip)]
+    pub outcomes: Vec<DeviceOutcome>,
+}
+
+impl Report {
+    /// Builds the report from the devices' outcomes.
+    pub fn new(stats: &FleetStats, outcomes: Vec<DeviceOutcome>, elapsed: Duration, producing: Duration) -> Self {
+        let h = stats.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        let ms = |us: u64| us as f64 / 1000.0;
+        let ack_latency = if h.is_empty() {
+            Latency::default()
+        } else {
+            Latency {
+                p50_ms: ms(h.value_at_quantile(0.50)),
+                p99_ms: ms(h.value_at_quantile(0.99)),
+                p999_ms: ms(h.value_at_quantile(0.999)),
+                max_ms: ms(h.max()),
+            }
+        };
+        let readings_acked = outcomes.iter().map(|o| o.readings_acked).sum();
+        Self {
+            devices: outcomes.len(),
+            elapsed_s: elapsed.as_secs_f64(),
+            frames_sent: stats.frames_sent.load(Ordering::Relaxed),
+            frames_acked: outcomes.iter().map(|o| o.frames_acked).sum(),
+            readings_acked,
+            frames_resent: stats.frames_resent.load(Ordering::Relaxed),
+            reconnects: stats.reconnects.load(Ordering::Relaxed),
+            unacked_frames: outcomes.iter().map(|o| o.unacked).sum(),
+            devices_refused: outcomes.iter().filter(|o| o.gave_up.is_some()).count() as u64,
+            errors: stats.errors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            ack_latency,
+            readings_per_s: readings_acked as f64 / producing.as_secs_f64().max(1e-9),
+            outcomes,
+        }
+    }
+
+    /// Whether every frame sent was acknowledged and no device was refused.
+    pub fn is_clean(&self) -> bool {
+        self.unacked_frames == 0 && self.devices_refused == 0
+    }
+
+    /// A human-readable summary.
+    pub fn to_table(&self) -> String {
+        let mut s = String::new();
+        let mut row = |k: &str, v: String| s.push_str(&format!("{k:<18} {v}\n"));
+        row("devices", self.devices.to_string());
+        row("elapsed", format!("{:.1} s", self.elapsed_s));
+        row("frames sent", self.frames_sent.to_string());
+        row("frames acked", self.frames_acked.to_string());
+        row("readings acked", format!("{} ({:.0}/s)", self.readings_acked, self.readings_per_s));
+        row("frames resent", self.frames_resent.to_string());
+        row("reconnects", self.reconnects.to_string());
+        row("unacked frames", self.unacked_frames.to_string());
+        row("devices refused", self.devices_refused.to_string());
+        let errors = if self.errors.is_empty() {
+            "none".to_owned()
+        } else {
+            self.errors.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+        };
+        row("errors", errors);
+        row(
+            "ack latency",
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+                self.ack_latency.p50_ms, self.ack_latency.p99_ms, self.ack_latency.p999_ms, self.ack_latency.max_ms
+            ),
+        );
+        s
+    }
+}
