@@ -91,8 +91,11 @@ pub async fn run_fleet(config: FleetConfig) -> Report {
     let stop_at = start + ramp + config.duration;
     let drain_until = stop_at + config.drain;
     let mut devices = JoinSet::new();
-    let mut rng = rand::rng();
-    for i in 0..config.devices {
+    let offsets: Vec<f64> = {
+        let mut rng = rand::rng();
+        (0..config.devices).map(|_| rng.random_range(0.0..1.0)).collect()
+    };
+    for (i, offset) in offsets.into_iter().enumerate() {
         let id = config.device_id(i);
         let spec = DeviceSpec {
             token: config.token_for(&id),
@@ -103,7 +106,7 @@ pub async fn run_fleet(config: FleetConfig) -> Report {
             window: config.window.max(1),
             keepalive: config.keepalive,
         };
-        let offset = if ramp.is_zero() { Duration::ZERO } else { ramp.mul_f64(rng.random_range(0.0..1.0)) };
+        let offset = if ramp.is_zero() { Duration::ZERO } else { ramp.mul_f64(offset) };
         let timing = Timing {
             start_at: start + offset,
             stop_at,

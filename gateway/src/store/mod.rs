@@ -82,12 +82,12 @@ impl Store {
             })?;
         }
         let options = connect_options(path, durability)?;
-        let mut writer_conn = options.connect().await?;
-        sqlx::migrate!("../migrations").run(&mut writer_conn).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
+        sqlx::migrate!("../migrations").run(&pool).await?;
+        let writer_conn = options.connect().await?;
         Ok(Self {
             pool,
             writer_conn: Some(writer_conn),

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::sqlite::{SqliteArguments, SqliteConnection};
-use sqlx::{Acquire, Sqlite};
+use sqlx::{Connection, Sqlite};
 use tokio::sync::{mpsc, watch};
 
 use super::{u64_to_sql, StoreError};
@@ -331,7 +331,7 @@ impl Writer {
         pending.clear();
         let mut stored = Stored::default();
 
-        let mut tx = conn.begin().await?;
+        let mut tx = Connection::begin(conn).await?;
         for (i, frame) in batch.iter().enumerate() {
             let device = cache.device(&mut tx, &frame.device).await?;
             let epoch = u64_to_sql(frame.epoch);
