@@ -13,7 +13,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use prost::Message;
-use proto::v1::{device_message::Body, gateway_message, DeviceMessage, ErrorCode, GatewayMessage, Hello, Ping, Reading, Telemetry};
+use proto::v1::{
+    device_message::Body, gateway_message, DeviceMessage, ErrorCode, GatewayMessage, Hello, Ping,
+    Reading, Telemetry,
+};
 use proto::DelimitedCodec;
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
@@ -41,6 +44,19 @@ pub struct DeviceSpec {
     pub window: usize,
     /// Ping after this long without sending anything.
     pub keepalive: Duration,
+    /// Faults this device commits on purpose.
+    pub faults: Faults,
+}
+
+/// Misbehaviour a device can be told to show, to prove the gateway's guarantees.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Probability, per new frame, of dropping the link right after sending it, before its
+    /// ack can arrive: the "committed but never acknowledged" window of a crash.
+    pub disconnect_after_send: f64,
+    /// Resend every held frame after reconnecting, even those HelloAck says are stored
+    /// (allowed by the protocol: the gateway acks them again without storing them).
+    pub ignore_hello_ack: bool,
 }
 
 /// When a device starts, stops producing and gives up waiting for acks.
@@ -173,7 +189,9 @@ impl Device {
                 let (base, amp) = SENSORS.get(i).map_or((0.0, 1.0), |s| (s.1, s.2));
                 Reading {
                     sensor: name.clone(),
-                    value: base + amp * (t + self.phase + i as f64).sin() + rng.random_range(-0.05..0.05) * amp,
+                    value: base
+                        + amp * (t + self.phase + i as f64).sin()
+                        + rng.random_range(-0.05..0.05) * amp,
                     timestamp_ms: ts,
                 }
             })
@@ -196,7 +214,9 @@ impl Device {
     fn acked(&mut self, seq: u64) {
         let mut latencies = Vec::new();
         while self.pending.front().is_some_and(|p| p.seq <= seq) {
-            let Some(p) = self.pending.pop_front() else { break };
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
             self.outcome.frames_acked += 1;
             self.outcome.readings_acked += p.readings;
             latencies.push(p.first_sent.elapsed());
@@ -213,7 +233,9 @@ impl Device {
         let mut backoff = Duration::from_millis(100);
         let mut connected_before = false;
         loop {
-            if Instant::now() >= timing.drain_until || (Instant::now() >= timing.stop_at && self.pending.is_empty()) {
+            if Instant::now() >= timing.drain_until
+                || (Instant::now() >= timing.stop_at && self.pending.is_empty())
+            {
                 break;
             }
             if connected_before {
@@ -242,7 +264,8 @@ impl Device {
     }
 
     async fn link(&mut self, gateway: &str, timing: Timing, backoff: &mut Duration) -> LinkEnd {
-        let Ok(Ok(stream)) = timeout(Duration::from_secs(5), TcpStream::connect(gateway)).await else {
+        let Ok(Ok(stream)) = timeout(Duration::from_secs(5), TcpStream::connect(gateway)).await
+        else {
             return LinkEnd::Lost;
         };
         let _ = stream.set_nodelay(true);
@@ -265,14 +288,20 @@ impl Device {
             _ = sleep_until(timing.drain_until) => return LinkEnd::Done,
         };
         let last_seq = match answer {
-            Ok(Some(Ok(GatewayMessage { body: Some(gateway_message::Body::HelloAck(ack)) }))) => ack.last_seq,
-            Ok(Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Error(e)) }))) => {
+            Ok(Some(Ok(GatewayMessage {
+                body: Some(gateway_message::Body::HelloAck(ack)),
+            }))) => ack.last_seq,
+            Ok(Some(Ok(GatewayMessage {
+                body: Some(gateway_message::Body::Error(e)),
+            }))) => {
                 return self.on_error(&e);
             }
             _ => return LinkEnd::Lost,
         };
         *backoff = Duration::from_millis(100);
-        self.acked(last_seq);
+        if !self.spec.faults.ignore_hello_ack {
+            self.acked(last_seq);
+        }
         // Resend everything the gateway does not have, byte for byte, in one write.
         if !self.pending.is_empty() {
             let mut resend = BytesMut::new();
@@ -327,7 +356,8 @@ impl Device {
                     self.outcome.frames_sent += 1;
                     self.stats.add_sent(1);
                     self.pending.push_back(frame);
-                    if !ok {
+                    let p = self.spec.faults.disconnect_after_send;
+                    if !ok || (p > 0.0 && rand::rng().random_bool(p.min(1.0))) {
                         return LinkEnd::Lost;
                     }
                     last_write = Instant::now();

@@ -8,7 +8,7 @@ use rand::Rng;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::device::{Device, DeviceSpec, Timing};
+use crate::device::{Device, DeviceSpec, Faults, Timing};
 use crate::report::{FleetStats, Report};
 
 /// How to run a fleet.
@@ -40,6 +40,8 @@ pub struct FleetConfig {
     pub ramp: Duration,
     /// Devices ping after this long without sending.
     pub keepalive: Duration,
+    /// Faults every device commits.
+    pub faults: Faults,
 }
 
 impl Default for FleetConfig {
@@ -58,6 +60,7 @@ impl Default for FleetConfig {
             epoch: None,
             ramp: Duration::from_millis(500),
             keepalive: Duration::from_secs(20),
+            faults: Faults::default(),
         }
     }
 }
@@ -93,7 +96,9 @@ pub async fn run_fleet(config: FleetConfig) -> Report {
     let mut devices = JoinSet::new();
     let offsets: Vec<f64> = {
         let mut rng = rand::rng();
-        (0..config.devices).map(|_| rng.random_range(0.0..1.0)).collect()
+        (0..config.devices)
+            .map(|_| rng.random_range(0.0..1.0))
+            .collect()
     };
     for (i, offset) in offsets.into_iter().enumerate() {
         let id = config.device_id(i);
@@ -105,8 +110,13 @@ pub async fn run_fleet(config: FleetConfig) -> Report {
             rate: config.rate,
             window: config.window.max(1),
             keepalive: config.keepalive,
+            faults: config.faults,
         };
-        let offset = if ramp.is_zero() { Duration::ZERO } else { ramp.mul_f64(offset) };
+        let offset = if ramp.is_zero() {
+            Duration::ZERO
+        } else {
+            ramp.mul_f64(offset)
+        };
         let timing = Timing {
             start_at: start + offset,
             stop_at,

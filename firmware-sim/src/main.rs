@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use firmware_sim::{run_fleet, FleetConfig};
 
 #[derive(Parser)]
-#[command(name = "firmware-sim", version, about = "Simulated device fleets for the gateway")]
+#[command(
+    name = "firmware-sim",
+    version,
+    about = "Simulated device fleets for the gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,7 +65,8 @@ struct RunArgs {
 }
 
 fn seconds(name: &str, s: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(s).map_err(|_| format!("--{name} must be a non-negative number of seconds"))
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| format!("--{name} must be a non-negative number of seconds"))
 }
 
 fn main() -> ExitCode {
@@ -74,7 +79,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let Command::Run(args) = cli.command;
-    let config = match (seconds("duration", args.duration), seconds("drain", args.drain)) {
+    let config = match (
+        seconds("duration", args.duration),
+        seconds("drain", args.drain),
+    ) {
         (Ok(duration), Ok(drain)) if args.rate >= 0.0 && args.rate.is_finite() => FleetConfig {
             gateway: args.gateway,
             devices: args.devices,

@@ -110,7 +110,12 @@ pub struct Report {
 
 impl Report {
     /// Builds the report from the devices' outcomes.
-    pub fn new(stats: &FleetStats, outcomes: Vec<DeviceOutcome>, elapsed: Duration, producing: Duration) -> Self {
+    pub fn new(
+        stats: &FleetStats,
+        outcomes: Vec<DeviceOutcome>,
+        elapsed: Duration,
+        producing: Duration,
+    ) -> Self {
         let h = stats.latency_us.lock().unwrap_or_else(|e| e.into_inner());
         let ms = |us: u64| us as f64 / 1000.0;
         let ack_latency = if h.is_empty() {
@@ -134,7 +139,11 @@ impl Report {
             reconnects: stats.reconnects.load(Ordering::Relaxed),
             unacked_frames: outcomes.iter().map(|o| o.unacked).sum(),
             devices_refused: outcomes.iter().filter(|o| o.gave_up.is_some()).count() as u64,
-            errors: stats.errors.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            errors: stats
+                .errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             ack_latency,
             readings_per_s: readings_acked as f64 / producing.as_secs_f64().max(1e-9),
             outcomes,
@@ -154,7 +163,10 @@ impl Report {
         row("elapsed", format!("{:.1} s", self.elapsed_s));
         row("frames sent", self.frames_sent.to_string());
         row("frames acked", self.frames_acked.to_string());
-        row("readings acked", format!("{} ({:.0}/s)", self.readings_acked, self.readings_per_s));
+        row(
+            "readings acked",
+            format!("{} ({:.0}/s)", self.readings_acked, self.readings_per_s),
+        );
         row("frames resent", self.frames_resent.to_string());
         row("reconnects", self.reconnects.to_string());
         row("unacked frames", self.unacked_frames.to_string());
@@ -162,14 +174,21 @@ impl Report {
         let errors = if self.errors.is_empty() {
             "none".to_owned()
         } else {
-            self.errors.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+            self.errors
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         row("errors", errors);
         row(
             "ack latency",
             format!(
                 "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
-                self.ack_latency.p50_ms, self.ack_latency.p99_ms, self.ack_latency.p999_ms, self.ack_latency.max_ms
+                self.ack_latency.p50_ms,
+                self.ack_latency.p99_ms,
+                self.ack_latency.p999_ms,
+                self.ack_latency.max_ms
             ),
         );
         s

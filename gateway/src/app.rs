@@ -81,21 +81,30 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     .await;
 
     // Shutdown: sessions stop reading, wait for their commits, ack and close.
-    tracing::info!(links = sessions.len(), "shutting down: draining device links");
+    tracing::info!(
+        links = sessions.len(),
+        "shutting down: draining device links"
+    );
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
     let drained = timeout(shutdown_timeout, async {
         while sessions.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(links = sessions.len(), "shutdown deadline reached; closing the remaining links");
+        tracing::warn!(
+            links = sessions.len(),
+            "shutdown deadline reached; closing the remaining links"
+        );
         sessions.abort_all();
         while sessions.join_next().await.is_some() {}
     }
     // The last handle to the writer goes with `shared`; the writer then commits what it holds.
     drop(shared);
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if timeout(remaining.max(Duration::from_secs(1)), writer_task).await.is_err() {
+    if timeout(remaining.max(Duration::from_secs(1)), writer_task)
+        .await
+        .is_err()
+    {
         tracing::error!("the store writer did not finish in time; unacknowledged frames will be resent by devices");
     }
     reporter.abort();

@@ -277,7 +277,10 @@ mod tests {
         assert_eq!(config.tcp.listen, defaults.tcp.listen);
         assert_eq!(config.tcp.max_frame_bytes, defaults.tcp.max_frame_bytes);
         assert_eq!(config.store.durability, defaults.store.durability);
-        assert_eq!(config.store.batch_max_frames, defaults.store.batch_max_frames);
+        assert_eq!(
+            config.store.batch_max_frames,
+            defaults.store.batch_max_frames
+        );
         assert_eq!(config.session.idle_timeout, defaults.session.idle_timeout);
         assert_eq!(config.shutdown.timeout, defaults.shutdown.timeout);
     }
@@ -305,10 +308,7 @@ mod tests {
     #[test]
     fn an_out_of_range_value_names_its_field() {
         let err = Config::from_toml("[store]\nbatch_max_frames = 0\n").unwrap_err();
-        assert!(
-            err.to_string().contains("store.batch_max_frames"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("store.batch_max_frames"), "{err}");
         let err = Config::from_toml("[session]\nhello_timeout = \"0s\"\n").unwrap_err();
         assert!(err.to_string().contains("session.hello_timeout"), "{err}");
     }

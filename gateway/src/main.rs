@@ -15,7 +15,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "gateway", version, about = "Edge IoT gateway: devices in, SQLite store, MQTT out")]
+#[command(
+    name = "gateway",
+    version,
+    about = "Edge IoT gateway: devices in, SQLite store, MQTT out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -170,7 +174,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     config.validate()?;
 
-    let fleet_secret = match (&config.auth.mode, config.auth.fleet_tokens, &config.auth.fleet_secret) {
+    let fleet_secret = match (
+        &config.auth.mode,
+        config.auth.fleet_tokens,
+        &config.auth.fleet_secret,
+    ) {
         (AuthMode::None, _, _) | (_, false, _) => None,
         (_, true, Some(secret)) => Some(secret.as_bytes().to_vec()),
         (_, true, None) => {
@@ -237,13 +245,20 @@ async fn devices_cmd(command: DevicesCommand, common: Common) -> anyhow::Result<
             eprintln!("device {id:?} provisioned; this token is shown once");
         }
         DevicesCommand::List => {
-            println!("{:<32} {:<8} {:<8} {:>12}", "DEVICE", "TOKEN", "REVOKED", "READINGS");
+            println!(
+                "{:<32} {:<8} {:<8} {:>12}",
+                "DEVICE", "TOKEN", "REVOKED", "READINGS"
+            );
             for d in devices::list(store.pool()).await? {
                 println!(
                     "{:<32} {:<8} {:<8} {:>12}",
                     d.device_id,
                     if d.has_token { "yes" } else { "fleet" },
-                    if d.revoked_at_ms.is_some() { "yes" } else { "no" },
+                    if d.revoked_at_ms.is_some() {
+                        "yes"
+                    } else {
+                        "no"
+                    },
                     d.readings
                 );
             }

@@ -11,11 +11,19 @@ use proto::v1::{device_message::Body, DeviceMessage, ErrorCode, Ping, Telemetry}
 async fn expect(addr: std::net::SocketAddr, bytes: Vec<u8>, code: ErrorCode) {
     let mut c = RawClient::connect(addr).await;
     c.send_raw(&bytes).await;
-    assert_eq!(c.expect_error_and_close().await, code, "for bytes {bytes:02x?}");
+    assert_eq!(
+        c.expect_error_and_close().await,
+        code,
+        "for bytes {bytes:02x?}"
+    );
 }
 
 fn fleet_hello(device: &str) -> Vec<u8> {
-    delimited(&hello(device, &proto::token::fleet_token(SECRET.as_bytes(), device), 1))
+    delimited(&hello(
+        device,
+        &proto::token::fleet_token(SECRET.as_bytes(), device),
+        1,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,12 +55,25 @@ async fn each_bad_input_gets_its_code_and_closes_while_a_healthy_device_keeps_fl
     // A frame whose body is not a DeviceMessage (wire type 7).
     expect(gw.addr, vec![3, 0x0f, 0, 0], ErrorCode::MalformedMessage).await;
     // Data before Hello.
-    expect(gw.addr, delimited(&telemetry(1, &[("t", 1.0)])), ErrorCode::HelloRequired).await;
+    expect(
+        gw.addr,
+        delimited(&telemetry(1, &[("t", 1.0)])),
+        ErrorCode::HelloRequired,
+    )
+    .await;
     // Ping before Hello.
-    let ping = DeviceMessage { seq: 0, body: Some(Body::Ping(Ping {})) };
+    let ping = DeviceMessage {
+        seq: 0,
+        body: Some(Body::Ping(Ping {})),
+    };
     expect(gw.addr, delimited(&ping), ErrorCode::HelloRequired).await;
     // A wrong token.
-    expect(gw.addr, delimited(&hello("intruder", "00ff", 1)), ErrorCode::AuthFailed).await;
+    expect(
+        gw.addr,
+        delimited(&hello("intruder", "00ff", 1)),
+        ErrorCode::AuthFailed,
+    )
+    .await;
     // A body this gateway does not know: field 15, varint 1.
     let mut unknown = fleet_hello("newer-fw");
     unknown.extend_from_slice(&[4, 0x08, 0x05, 0x78, 0x01]);
@@ -70,7 +91,11 @@ async fn each_bad_input_gets_its_code_and_closes_while_a_healthy_device_keeps_fl
     long_name.extend(delimited(&DeviceMessage {
         seq: 1,
         body: Some(Body::Telemetry(Telemetry {
-            readings: vec![proto::v1::Reading { sensor: "s".repeat(129), value: 1.0, timestamp_ms: 0 }],
+            readings: vec![proto::v1::Reading {
+                sensor: "s".repeat(129),
+                value: 1.0,
+                timestamp_ms: 0,
+            }],
         })),
     }));
     expect(gw.addr, long_name, ErrorCode::MalformedMessage).await;
@@ -93,8 +118,16 @@ async fn each_bad_input_gets_its_code_and_closes_while_a_healthy_device_keeps_fl
 
     let report = healthy.await.unwrap();
     assert!(report.is_clean(), "{}", report.to_table());
-    assert!(report.errors.is_empty(), "the healthy device saw no errors: {:?}", report.errors);
-    assert!(report.frames_acked > 50, "the healthy device kept flowing: {}", report.to_table());
+    assert!(
+        report.errors.is_empty(),
+        "the healthy device saw no errors: {:?}",
+        report.errors
+    );
+    assert!(
+        report.frames_acked > 50,
+        "the healthy device kept flowing: {}",
+        report.to_table()
+    );
     assert_stored_exactly_once(&gw.db, &report, 4).await;
 
     for code in [
@@ -109,7 +142,17 @@ async fn each_bad_input_gets_its_code_and_closes_while_a_healthy_device_keeps_fl
     ] {
         assert!(gw.metrics.link_errors(code) >= 1, "{code:?} was counted");
     }
-    assert_eq!(gw.metrics.link_errors(ErrorCode::HelloRequired), 2, "{:?}", gw.metrics.link_error_summary());
-    assert_eq!(gw.metrics.link_errors(ErrorCode::IdleTimeout), 2, "{:?}", gw.metrics.link_error_summary());
+    assert_eq!(
+        gw.metrics.link_errors(ErrorCode::HelloRequired),
+        2,
+        "{:?}",
+        gw.metrics.link_error_summary()
+    );
+    assert_eq!(
+        gw.metrics.link_errors(ErrorCode::IdleTimeout),
+        2,
+        "{:?}",
+        gw.metrics.link_error_summary()
+    );
     gw.stop().await;
 }

@@ -21,7 +21,11 @@ async fn a_fleet_of_100_devices_has_every_acked_reading_stored_exactly_once() {
     .await;
     assert!(report.is_clean(), "{}", report.to_table());
     assert!(report.errors.is_empty(), "{:?}", report.errors);
-    assert!(report.frames_acked >= 100, "every device sent something: {}", report.to_table());
+    assert!(
+        report.frames_acked >= 100,
+        "every device sent something: {}",
+        report.to_table()
+    );
     assert_stored_exactly_once(&gw.db, &report, 8).await;
     gw.stop().await;
 }
@@ -100,17 +104,22 @@ async fn events_and_nan_readings_are_stored_and_zero_timestamps_get_the_receive_
     assert_eq!(ack_seq(dev.recv().await), 2);
 
     let mut conn = open_db(&gw.db).await;
-    let (kind, message, severity, ts): (String, String, i64, i64) =
-        sqlx::query_as("SELECT kind, message, severity, ts_ms FROM events WHERE device_id = 'door-7' AND seq = 1")
+    let (kind, message, severity, ts): (String, String, i64, i64) = sqlx::query_as(
+        "SELECT kind, message, severity, ts_ms FROM events WHERE device_id = 'door-7' AND seq = 1",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        (kind.as_str(), message.as_str(), severity),
+        ("door_open", "front door", 3)
+    );
+    assert!(ts >= before, "receive time used for timestamp 0");
+    let value: Option<f64> =
+        sqlx::query_scalar("SELECT value FROM telemetry WHERE device_id = 'door-7' AND seq = 2")
             .fetch_one(&mut conn)
             .await
             .unwrap();
-    assert_eq!((kind.as_str(), message.as_str(), severity), ("door_open", "front door", 3));
-    assert!(ts >= before, "receive time used for timestamp 0");
-    let value: Option<f64> = sqlx::query_scalar("SELECT value FROM telemetry WHERE device_id = 'door-7' AND seq = 2")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
     assert_eq!(value, None, "NaN is stored as NULL");
     gw.stop().await;
 }
@@ -121,9 +130,13 @@ async fn a_provisioned_token_works_until_the_device_is_revoked() {
     let store = gateway::store::Store::open(&gw.db, gateway::config::Durability::ProcessCrash)
         .await
         .unwrap();
-    let token = gateway::store::devices::add(store.pool(), "pump-3", false).await.unwrap();
+    let token = gateway::store::devices::add(store.pool(), "pump-3", false)
+        .await
+        .unwrap();
     assert!(
-        gateway::store::devices::add(store.pool(), "pump-3", false).await.is_err(),
+        gateway::store::devices::add(store.pool(), "pump-3", false)
+            .await
+            .is_err(),
         "a second add without --force is refused"
     );
 
@@ -131,15 +144,25 @@ async fn a_provisioned_token_works_until_the_device_is_revoked() {
     dev.send(hello("pump-3", &token, 1)).await;
     assert!(matches!(
         dev.recv().await,
-        Some(GatewayMessage { body: Some(gateway_message::Body::HelloAck(_)) })
+        Some(GatewayMessage {
+            body: Some(gateway_message::Body::HelloAck(_))
+        })
     ));
     drop(dev);
 
-    assert!(gateway::store::devices::revoke(store.pool(), "pump-3").await.unwrap());
-    for t in [token.as_str(), &proto::token::fleet_token(SECRET.as_bytes(), "pump-3")] {
+    assert!(gateway::store::devices::revoke(store.pool(), "pump-3")
+        .await
+        .unwrap());
+    for t in [
+        token.as_str(),
+        &proto::token::fleet_token(SECRET.as_bytes(), "pump-3"),
+    ] {
         let mut dev = RawClient::connect(gw.addr).await;
         dev.send(hello("pump-3", t, 1)).await;
-        assert_eq!(dev.expect_error_and_close().await, proto::v1::ErrorCode::DeviceRevoked);
+        assert_eq!(
+            dev.expect_error_and_close().await,
+            proto::v1::ErrorCode::DeviceRevoked
+        );
     }
     gw.stop().await;
 }

@@ -146,10 +146,7 @@ mod tests {
 
     /// Feeds `bytes` to a fresh codec in the given chunk sizes; returns what decoded and the
     /// first error, if any.
-    fn decode_chunked(
-        bytes: &[u8],
-        chunks: &[usize],
-    ) -> (Vec<DeviceMessage>, Option<CodecError>) {
+    fn decode_chunked(bytes: &[u8], chunks: &[usize]) -> (Vec<DeviceMessage>, Option<CodecError>) {
         let mut codec = Codec::default();
         let mut buf = BytesMut::new();
         let mut out = Vec::new();

@@ -49,7 +49,11 @@ mod tests {
         assert!(verify_fleet_token(b"secret", "meter-1", &token));
         assert!(!verify_fleet_token(b"secret", "meter-2", &token));
         assert!(!verify_fleet_token(b"other", "meter-1", &token));
-        assert!(!verify_fleet_token(b"secret", "meter-1", &token.to_uppercase()));
+        assert!(!verify_fleet_token(
+            b"secret",
+            "meter-1",
+            &token.to_uppercase()
+        ));
         assert!(!verify_fleet_token(b"secret", "meter-1", "not hex"));
         assert!(!verify_fleet_token(b"secret", "meter-1", ""));
     }

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use proto::v1::{device_message::Body, gateway_message, DeviceMessage, ErrorCode, GatewayMessage, Hello, Pong};
+use proto::v1::{
+    device_message::Body, gateway_message, DeviceMessage, ErrorCode, GatewayMessage, Hello, Pong,
+};
 
 use crate::store::writer::FrameBody;
 
@@ -64,7 +66,10 @@ fn close(code: ErrorCode, msg: impl Into<String>) -> Step {
 /// Checks a name field (device id, sensor, event kind): 1 to [`MAX_NAME_LEN`] bytes, no control characters.
 pub fn check_name(field: &str, value: &str) -> Result<(), String> {
     if value.is_empty() || value.len() > MAX_NAME_LEN {
-        return Err(format!("{field} must be 1 to {MAX_NAME_LEN} bytes, got {}", value.len()));
+        return Err(format!(
+            "{field} must be 1 to {MAX_NAME_LEN} bytes, got {}",
+            value.len()
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(format!("{field} must not contain control characters"));
@@ -170,7 +175,10 @@ impl SessionState {
 /// A data message's seq must be non-zero and above the previous one on this link.
 fn check_seq(seq: u64, last_seq: &u64) -> Result<(), Step> {
     if seq == 0 {
-        return Err(close(ErrorCode::InvalidSeq, "data messages need a seq of 1 or more"));
+        return Err(close(
+            ErrorCode::InvalidSeq,
+            "data messages need a seq of 1 or more",
+        ));
     }
     if seq <= *last_seq {
         return Err(close(
@@ -214,7 +222,10 @@ mod tests {
 
     fn active() -> SessionState {
         let mut s = SessionState::new();
-        assert!(matches!(s.on_message(msg(0, hello("d1")), 0), Step::Authenticate(_)));
+        assert!(matches!(
+            s.on_message(msg(0, hello("d1")), 0),
+            Step::Authenticate(_)
+        ));
         s.activate(Arc::from("d1"), 7);
         s
     }
@@ -229,37 +240,61 @@ mod tests {
     #[test]
     fn hello_asks_for_authentication_and_activation_enables_data() {
         let mut s = active();
-        assert_eq!(s.device().map(|(d, e)| (d.to_string(), e)), Some(("d1".into(), 7)));
-        assert!(matches!(s.on_message(msg(1, telemetry("t", 0)), 0), Step::Store { seq: 1, .. }));
+        assert_eq!(
+            s.device().map(|(d, e)| (d.to_string(), e)),
+            Some(("d1".into(), 7))
+        );
+        assert!(matches!(
+            s.on_message(msg(1, telemetry("t", 0)), 0),
+            Step::Store { seq: 1, .. }
+        ));
     }
 
     #[test]
     fn data_before_hello_is_refused() {
         let mut s = SessionState::new();
-        assert_eq!(code(s.on_message(msg(1, telemetry("t", 0)), 0)), ErrorCode::HelloRequired);
+        assert_eq!(
+            code(s.on_message(msg(1, telemetry("t", 0)), 0)),
+            ErrorCode::HelloRequired
+        );
         let mut s = SessionState::new();
-        assert_eq!(code(s.on_message(msg(0, Body::Ping(Ping {})), 0)), ErrorCode::HelloRequired);
+        assert_eq!(
+            code(s.on_message(msg(0, Body::Ping(Ping {})), 0)),
+            ErrorCode::HelloRequired
+        );
     }
 
     #[test]
     fn data_while_authenticating_is_refused() {
         let mut s = SessionState::new();
-        assert!(matches!(s.on_message(msg(0, hello("d1")), 0), Step::Authenticate(_)));
-        assert_eq!(code(s.on_message(msg(1, telemetry("t", 0)), 0)), ErrorCode::HelloRequired);
+        assert!(matches!(
+            s.on_message(msg(0, hello("d1")), 0),
+            Step::Authenticate(_)
+        ));
+        assert_eq!(
+            code(s.on_message(msg(1, telemetry("t", 0)), 0)),
+            ErrorCode::HelloRequired
+        );
     }
 
     #[test]
     fn a_hello_with_a_bad_device_id_is_malformed() {
         for id in ["", "a\nb", &"x".repeat(MAX_NAME_LEN + 1)] {
             let mut s = SessionState::new();
-            assert_eq!(code(s.on_message(msg(0, hello(id)), 0)), ErrorCode::MalformedMessage);
+            assert_eq!(
+                code(s.on_message(msg(0, hello(id)), 0)),
+                ErrorCode::MalformedMessage
+            );
         }
     }
 
     #[test]
     fn a_second_hello_is_refused() {
         let mut s = active();
-        assert_eq!(code(s.on_message(msg(0, hello("d1")), 0)), ErrorCode::UnexpectedHello);
+        assert_eq!(
+            code(s.on_message(msg(0, hello("d1")), 0)),
+            ErrorCode::UnexpectedHello
+        );
     }
 
     #[test]
@@ -272,15 +307,27 @@ mod tests {
     #[test]
     fn data_with_seq_zero_is_invalid() {
         let mut s = active();
-        assert_eq!(code(s.on_message(msg(0, telemetry("t", 0)), 0)), ErrorCode::InvalidSeq);
+        assert_eq!(
+            code(s.on_message(msg(0, telemetry("t", 0)), 0)),
+            ErrorCode::InvalidSeq
+        );
     }
 
     #[test]
     fn seq_must_rise_on_a_link_but_may_skip() {
         let mut s = active();
-        assert!(matches!(s.on_message(msg(5, telemetry("t", 0)), 0), Step::Store { seq: 5, .. }));
-        assert!(matches!(s.on_message(msg(9, telemetry("t", 0)), 0), Step::Store { seq: 9, .. }));
-        assert_eq!(code(s.on_message(msg(9, telemetry("t", 0)), 0)), ErrorCode::InvalidSeq);
+        assert!(matches!(
+            s.on_message(msg(5, telemetry("t", 0)), 0),
+            Step::Store { seq: 5, .. }
+        ));
+        assert!(matches!(
+            s.on_message(msg(9, telemetry("t", 0)), 0),
+            Step::Store { seq: 9, .. }
+        ));
+        assert_eq!(
+            code(s.on_message(msg(9, telemetry("t", 0)), 0)),
+            ErrorCode::InvalidSeq
+        );
     }
 
     #[test]
@@ -297,7 +344,10 @@ mod tests {
     #[test]
     fn readings_with_bad_sensor_names_or_timestamps_are_malformed() {
         let mut s = active();
-        assert_eq!(code(s.on_message(msg(1, telemetry("", 0)), 0)), ErrorCode::MalformedMessage);
+        assert_eq!(
+            code(s.on_message(msg(1, telemetry("", 0)), 0)),
+            ErrorCode::MalformedMessage
+        );
         let mut s = active();
         let step = s.on_message(msg(1, telemetry("t", u64::MAX)), 0);
         assert_eq!(code(step), ErrorCode::MalformedMessage);
@@ -314,7 +364,13 @@ mod tests {
                 timestamp_ms: 0,
             })
         };
-        assert!(matches!(s.on_message(msg(1, ev("door")), 0), Step::Store { seq: 1, .. }));
-        assert_eq!(code(s.on_message(msg(2, ev("")), 0)), ErrorCode::MalformedMessage);
+        assert!(matches!(
+            s.on_message(msg(1, ev("door")), 0),
+            Step::Store { seq: 1, .. }
+        ));
+        assert_eq!(
+            code(s.on_message(msg(2, ev("")), 0)),
+            ErrorCode::MalformedMessage
+        );
     }
 }

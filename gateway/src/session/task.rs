@@ -114,7 +114,12 @@ impl Session<'_> {
         }
     }
 
-    async fn serve<L>(&mut self, link: &mut L, shutdown: &CancellationToken, span: &tracing::Span) -> Closed
+    async fn serve<L>(
+        &mut self,
+        link: &mut L,
+        shutdown: &CancellationToken,
+        span: &tracing::Span,
+    ) -> Closed
     where
         L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
             + Sink<GatewayMessage, Error = CodecError>
@@ -126,14 +131,24 @@ impl Session<'_> {
             r = timeout(self.shared.config.hello_timeout, link.next()) => r,
         };
         let hello = match first {
-            Err(_) => return Closed::with(ErrorCode::HelloTimeout, "no Hello within the hello timeout"),
+            Err(_) => {
+                return Closed::with(ErrorCode::HelloTimeout, "no Hello within the hello timeout")
+            }
             Ok(None) => return Closed::quietly("peer closed before Hello"),
-            Ok(Some(Err(e))) => return Closed { code: codec_error_code(&e), reason: e.to_string() },
+            Ok(Some(Err(e))) => {
+                return Closed {
+                    code: codec_error_code(&e),
+                    reason: e.to_string(),
+                }
+            }
             Ok(Some(Ok(msg))) => match self.state.on_message(msg, now_ms() as u64) {
                 Step::Authenticate(hello) => hello,
                 Step::Close(code, reason) => return Closed::with(code, reason),
                 Step::Store { .. } | Step::Reply(_) => {
-                    return Closed::with(ErrorCode::HelloRequired, "the first message must be Hello")
+                    return Closed::with(
+                        ErrorCode::HelloRequired,
+                        "the first message must be Hello",
+                    )
                 }
             },
         };
@@ -141,9 +156,15 @@ impl Session<'_> {
         span.record("device", &*device);
         match self.shared.auth.check(&device, &hello.token).await {
             Ok(()) => {}
-            Err(AuthError::Failed) => return Closed::with(ErrorCode::AuthFailed, "unknown device or wrong token"),
-            Err(AuthError::Revoked) => return Closed::with(ErrorCode::DeviceRevoked, "device is revoked"),
-            Err(AuthError::Store(e)) => return Closed::with(ErrorCode::Internal, format!("store: {e}")),
+            Err(AuthError::Failed) => {
+                return Closed::with(ErrorCode::AuthFailed, "unknown device or wrong token")
+            }
+            Err(AuthError::Revoked) => {
+                return Closed::with(ErrorCode::DeviceRevoked, "device is revoked")
+            }
+            Err(AuthError::Store(e)) => {
+                return Closed::with(ErrorCode::Internal, format!("store: {e}"))
+            }
         }
         let last_seq = match devices::last_seq(&self.shared.pool, &device, hello.epoch).await {
             Ok(s) => s,
@@ -151,15 +172,28 @@ impl Session<'_> {
         };
         let registration = self.shared.registry.register(&device);
         self.state.activate(device.clone(), hello.epoch);
-        self.shared.metrics.sessions_active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .metrics
+            .sessions_active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         debug!(epoch = hello.epoch, last_seq, firmware = %hello.firmware_version, "device said hello");
 
         let closed = self
-            .active(link, shutdown, &registration.superseded, device.clone(), hello.epoch, last_seq)
+            .active(
+                link,
+                shutdown,
+                &registration.superseded,
+                device.clone(),
+                hello.epoch,
+                last_seq,
+            )
             .await;
 
         self.shared.registry.unregister(&device, registration.conn);
-        self.shared.metrics.sessions_active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .metrics
+            .sessions_active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         closed
     }
 
@@ -246,17 +280,28 @@ impl Session<'_> {
     }
 
     /// Sends an `Ack` for the newest durable seq, or closes if the commit failed.
-    async fn send_ack<L>(&mut self, link: &mut L, acks: &mut watch::Receiver<Durable>) -> Result<(), Closed>
+    async fn send_ack<L>(
+        &mut self,
+        link: &mut L,
+        acks: &mut watch::Receiver<Durable>,
+    ) -> Result<(), Closed>
     where
         L: Sink<GatewayMessage, Error = CodecError> + Unpin,
     {
         let durable = *acks.borrow_and_update();
         if durable.failed {
-            return Err(Closed::with(ErrorCode::Internal, "the store failed to commit; reconnect and resend"));
+            return Err(Closed::with(
+                ErrorCode::Internal,
+                "the store failed to commit; reconnect and resend",
+            ));
         }
         if durable.seq > self.last_acked {
             self.last_acked = durable.seq;
-            self.send(link, message(gateway_message::Body::Ack(Ack { seq: durable.seq }))).await?;
+            self.send(
+                link,
+                message(gateway_message::Body::Ack(Ack { seq: durable.seq })),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -268,8 +313,14 @@ impl Session<'_> {
     {
         let target = self.last_forwarded;
         let wait = acks.wait_for(|d| d.failed || d.seq >= target);
-        if timeout(self.shared.config.drain_timeout, wait).await.is_err() {
-            warn!(target, "shutdown: queued frames were not committed in time; the device will resend them");
+        if timeout(self.shared.config.drain_timeout, wait)
+            .await
+            .is_err()
+        {
+            warn!(
+                target,
+                "shutdown: queued frames were not committed in time; the device will resend them"
+            );
         }
         if let Err(closed) = self.send_ack(link, acks).await {
             return closed;

@@ -18,7 +18,7 @@ pub struct Credentials {
 }
 
 /// One row of `gateway devices list`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeviceRow {
     /// The device's id.
     pub device_id: String,
@@ -38,7 +38,10 @@ pub fn hash_token(token: &str) -> String {
 }
 
 /// Credentials of `device_id`, or `None` if the store has never heard of it.
-pub async fn credentials(pool: &SqlitePool, device_id: &str) -> Result<Option<Credentials>, StoreError> {
+pub async fn credentials(
+    pool: &SqlitePool,
+    device_id: &str,
+) -> Result<Option<Credentials>, StoreError> {
     let row: Option<(Option<String>, Option<i64>)> =
         sqlx::query_as("SELECT token_hash, revoked_at_ms FROM devices WHERE device_id = ?")
             .bind(device_id)
@@ -80,30 +83,22 @@ pub async fn add(pool: &SqlitePool, device_id: &str, force: bool) -> Result<Stri
     let mut raw = [0u8; 24];
     rand::rng().fill_bytes(&mut raw);
     let token = hex::encode(raw);
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
-    let existing = sqlx::query_as::<_, (Option<String>, Option<i64>)>(
-        "SELECT token_hash, revoked_at_ms FROM devices WHERE device_id = ?",
-    )
-    .bind(device_id)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(StoreError::from)?;
-    if let Some((Some(_), None)) = existing {
-        if !force {
-            return Err(AddError::HasToken(device_id.to_owned()));
-        }
-    }
-    sqlx::query(
+    // One statement, so it takes the write lock at once and cannot race the writer.
+    let done = sqlx::query(
         "INSERT INTO devices (device_id, token_hash, created_at_ms) VALUES (?, ?, ?)
-         ON CONFLICT (device_id) DO UPDATE SET token_hash = excluded.token_hash, revoked_at_ms = NULL",
+         ON CONFLICT (device_id) DO UPDATE SET token_hash = excluded.token_hash, revoked_at_ms = NULL
+         WHERE ? OR devices.token_hash IS NULL OR devices.revoked_at_ms IS NOT NULL",
     )
     .bind(device_id)
     .bind(hash_token(&token))
     .bind(now_ms())
-    .execute(&mut *tx)
+    .bind(force)
+    .execute(pool)
     .await
     .map_err(StoreError::from)?;
-    tx.commit().await.map_err(StoreError::from)?;
+    if done.rows_affected() == 0 {
+        return Err(AddError::HasToken(device_id.to_owned()));
+    }
     Ok(token)
 }
 
@@ -122,22 +117,12 @@ pub async fn revoke(pool: &SqlitePool, device_id: &str) -> Result<bool, StoreErr
 
 /// Every known device, by id.
 pub async fn list(pool: &SqlitePool) -> Result<Vec<DeviceRow>, StoreError> {
-    let rows: Vec<(String, Option<String>, Option<i64>, i64, i64)> = sqlx::query_as(
-        "SELECT d.device_id, d.token_hash, d.revoked_at_ms, d.created_at_ms,
+    Ok(sqlx::query_as(
+        "SELECT d.device_id, d.token_hash IS NOT NULL AS has_token, d.revoked_at_ms, d.created_at_ms,
                 (SELECT COUNT(*) FROM readings r JOIN series se ON se.id = r.series
-                  WHERE se.device = d.id)
+                  WHERE se.device = d.id) AS readings
          FROM devices d ORDER BY d.device_id",
     )
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(device_id, token_hash, revoked_at_ms, created_at_ms, readings)| DeviceRow {
-            device_id,
-            has_token: token_hash.is_some(),
-            revoked_at_ms,
-            created_at_ms,
-            readings,
-        })
-        .collect())
+    .await?)
 }

@@ -38,6 +38,14 @@ pub enum StoreError {
     /// A migration failed.
     #[error("applying migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The migration lock file could not be taken.
+    #[error("locking {path} for migrations: {source}")]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// An opened store: the writer's dedicated connection (until [`Store::take_writer_conn`])
@@ -56,7 +64,10 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn connect_options(path: &Path, durability: Durability) -> Result<SqliteConnectOptions, StoreError> {
+fn connect_options(
+    path: &Path,
+    durability: Durability,
+) -> Result<SqliteConnectOptions, StoreError> {
     let synchronous = match durability {
         Durability::ProcessCrash => SqliteSynchronous::Normal,
         Durability::PowerLoss => SqliteSynchronous::Full,
@@ -86,7 +97,7 @@ impl Store {
             .max_connections(4)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("../migrations").run(&pool).await?;
+        migrate(&pool, path).await?;
         let writer_conn = options.connect().await?;
         Ok(Self {
             pool,
@@ -116,6 +127,32 @@ impl Store {
             .fetch_one(&self.pool)
             .await?)
     }
+}
+
+/// Applies `migrations/`, holding an exclusive lock on `<db>.lock` meanwhile: sqlx does not
+/// lock SQLite migrations, and two processes opening one file at once (the gateway starting
+/// while `gateway devices add` runs) would otherwise both try to apply them.
+async fn migrate(pool: &SqlitePool, db: &Path) -> Result<(), StoreError> {
+    let mut lock_path = db.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let lock_err = |source| StoreError::Lock {
+        path: lock_path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(lock_err)?;
+    let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| lock_err(std::io::Error::other(e)))?
+        .map_err(lock_err)?;
+    let result = sqlx::migrate!("../migrations").run(pool).await;
+    drop(file); // releases the lock
+    Ok(result?)
 }
 
 /// A u64 from the wire as the SQLite integer with the same bits.

@@ -131,7 +131,11 @@ impl Cache {
         }
     }
 
-    async fn device(&mut self, conn: &mut SqliteConnection, name: &Arc<str>) -> Result<i64, sqlx::Error> {
+    async fn device(
+        &mut self,
+        conn: &mut SqliteConnection,
+        name: &Arc<str>,
+    ) -> Result<i64, sqlx::Error> {
         if let Some(&id) = self.devices.get(name) {
             return Ok(id);
         }
@@ -148,7 +152,12 @@ impl Cache {
         Ok(id)
     }
 
-    async fn stream(&mut self, conn: &mut SqliteConnection, device: i64, epoch: i64) -> Result<(i64, u64), sqlx::Error> {
+    async fn stream(
+        &mut self,
+        conn: &mut SqliteConnection,
+        device: i64,
+        epoch: i64,
+    ) -> Result<(i64, u64), sqlx::Error> {
         if let Some(&s) = self.streams.get(&(device, epoch)) {
             return Ok(s);
         }
@@ -166,7 +175,12 @@ impl Cache {
         Ok(s)
     }
 
-    async fn series(&mut self, conn: &mut SqliteConnection, device: i64, sensor: &str) -> Result<i64, sqlx::Error> {
+    async fn series(
+        &mut self,
+        conn: &mut SqliteConnection,
+        device: i64,
+        sensor: &str,
+    ) -> Result<i64, sqlx::Error> {
         if let Some(&id) = self.series.get(&device).and_then(|m| m.get(sensor)) {
             return Ok(id);
         }
@@ -206,7 +220,10 @@ impl InsertSql {
         let mut by_log2 = Vec::new();
         let mut n = 1;
         while n <= MAX_ROWS_PER_STATEMENT {
-            by_log2.push(format!("{prefix} VALUES {}{suffix}", vec![row.as_str(); n].join(",")));
+            by_log2.push(format!(
+                "{prefix} VALUES {}{suffix}",
+                vec![row.as_str(); n].join(",")
+            ));
             n *= 2;
         }
         Self { by_log2 }
@@ -285,7 +302,8 @@ impl Writer {
         while rx.recv_many(&mut batch, batch_max_frames).await > 0 {
             match self.commit(&batch).await {
                 Ok(stored) => {
-                    self.metrics.record_batch(batch.len() as u64, stored.frames, stored.readings);
+                    self.metrics
+                        .record_batch(batch.len() as u64, stored.frames, stored.readings);
                     for frame in &batch {
                         frame.acks.send_if_modified(|d| {
                             let raise = frame.seq > d.seq;
@@ -409,7 +427,9 @@ impl Writer {
         tx.commit().await?;
 
         for s in pending.values() {
-            cache.streams.insert((s.device, s.epoch), (s.id, s.last_seq));
+            cache
+                .streams
+                .insert((s.device, s.epoch), (s.id, s.last_seq));
         }
         Ok(stored)
     }

@@ -14,7 +14,9 @@ use futures::{SinkExt, StreamExt};
 use gateway::config::Config;
 use gateway::metrics::Metrics;
 use prost::Message;
-use proto::v1::{device_message::Body, gateway_message, DeviceMessage, ErrorCode, GatewayMessage, Hello};
+use proto::v1::{
+    device_message::Body, gateway_message, DeviceMessage, ErrorCode, GatewayMessage, Hello,
+};
 use proto::DelimitedCodec;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection};
@@ -71,7 +73,10 @@ impl TestGateway {
     /// Graceful stop; panics if the gateway returned an error.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.task.await.expect("gateway task").expect("gateway ran cleanly");
+        self.task
+            .await
+            .expect("gateway task")
+            .expect("gateway ran cleanly");
     }
 }
 
@@ -106,9 +111,22 @@ pub async fn assert_stored_exactly_once(db: &Path, report: &Report, readings_per
         .fetch_one(&mut conn)
         .await
         .expect("query telemetry");
-        assert_eq!(frames as u64, o.frames_acked, "{}: distinct frames stored vs acked", o.device_id);
-        assert_eq!(rows as u64, o.readings_acked, "{}: readings stored vs acked", o.device_id);
-        assert_eq!(max_seq.unwrap_or(0) as u64, o.last_acked_seq, "{}: highest seq", o.device_id);
+        assert_eq!(
+            frames as u64, o.frames_acked,
+            "{}: distinct frames stored vs acked",
+            o.device_id
+        );
+        assert_eq!(
+            rows as u64, o.readings_acked,
+            "{}: readings stored vs acked",
+            o.device_id
+        );
+        assert_eq!(
+            max_seq.unwrap_or(0) as u64,
+            o.last_acked_seq,
+            "{}: highest seq",
+            o.device_id
+        );
     }
     let bad: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT device_id, seq, COUNT(*) FROM telemetry GROUP BY device_id, epoch, seq HAVING COUNT(*) != ?",
@@ -117,12 +135,18 @@ pub async fn assert_stored_exactly_once(db: &Path, report: &Report, readings_per
     .fetch_all(&mut conn)
     .await
     .expect("query duplicates");
-    assert!(bad.is_empty(), "frames with a wrong number of rows (duplicates or partial): {bad:?}");
+    assert!(
+        bad.is_empty(),
+        "frames with a wrong number of rows (duplicates or partial): {bad:?}"
+    );
     let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM telemetry")
         .fetch_one(&mut conn)
         .await
         .expect("count");
-    assert_eq!(total as u64, report.readings_acked, "total rows vs readings acked");
+    assert_eq!(
+        total as u64, report.readings_acked,
+        "total rows vs readings acked"
+    );
     conn.close().await.ok();
 }
 
@@ -159,8 +183,12 @@ impl RawClient {
 
     /// Hello with the fleet token; returns HelloAck's last_seq.
     pub async fn hello(&mut self, device_id: &str, epoch: u64) -> u64 {
-        self.send(hello(device_id, &proto::token::fleet_token(SECRET.as_bytes(), device_id), epoch))
-            .await;
+        self.send(hello(
+            device_id,
+            &proto::token::fleet_token(SECRET.as_bytes(), device_id),
+            epoch,
+        ))
+        .await;
         match self.recv().await {
             Some(GatewayMessage {
                 body: Some(gateway_message::Body::HelloAck(a)),
@@ -263,8 +291,11 @@ impl GatewayProcess {
     /// SIGTERM, then the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running") as i32;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)
-            .expect("send SIGTERM");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("send SIGTERM");
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
             .expect("gateway exits within 30 s of SIGTERM")
