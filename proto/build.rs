@@ -2,7 +2,10 @@
 //! so a build needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/gateway/v1/device.proto"];
+    let files = [
+        "proto/gateway/v1/device.proto",
+        "proto/gateway/v1/uplink.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

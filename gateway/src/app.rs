@@ -51,6 +51,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         writer_conn,
         config.store.queue_frames,
         config.store.batch_max_frames,
+        None,
         metrics.clone(),
     );
     if config.auth.mode == AuthMode::None {

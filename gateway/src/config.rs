@@ -45,6 +45,8 @@ pub struct Config {
     pub session: SessionConfig,
     /// Graceful shutdown on SIGINT/SIGTERM.
     pub shutdown: ShutdownConfig,
+    /// The MQTT bridge: uplink of stored data, device status, commands down.
+    pub mqtt: MqttConfig,
 }
 
 /// A directory path with a default.
@@ -201,6 +203,279 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// How stored frames are encoded when published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// JSON objects (see the README).
+    Json,
+    /// `gateway.v1.Uplink` protobuf messages.
+    Protobuf,
+}
+
+/// What happens when the unpublished backlog reaches its disk budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BacklogPolicy {
+    /// Stop taking new frames until the broker catches up: devices are slowed (their acks
+    /// wait), nothing is dropped.
+    Slow,
+    /// Drop the oldest unpublished frames from the uplink (they stay in the store), counted
+    /// in `uplink_dropped_frames` and logged.
+    DropOldest,
+}
+
+/// `[mqtt.topics]`: topic templates. `{gateway_id}` and `{device_id}` are replaced; each
+/// must fill a whole topic level.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Telemetry frames. Default `gateway/{gateway_id}/devices/{device_id}/telemetry`.
+    pub telemetry: String,
+    /// Events. Default `gateway/{gateway_id}/devices/{device_id}/events`.
+    pub events: String,
+    /// Retained device status. Default `gateway/{gateway_id}/devices/{device_id}/status`.
+    pub status: String,
+    /// Commands in. Default `gateway/{gateway_id}/devices/{device_id}/commands`.
+    pub commands: String,
+    /// Command outcomes out. Default
+    /// `gateway/{gateway_id}/devices/{device_id}/commands/results`.
+    pub command_results: String,
+    /// Retained gateway status, `online`/`offline` (the Last Will). Default
+    /// `gateway/{gateway_id}/status`.
+    pub gateway_status: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        let device = |leaf: &str| format!("gateway/{{gateway_id}}/devices/{{device_id}}/{leaf}");
+        Self {
+            telemetry: device("telemetry"),
+            events: device("events"),
+            status: device("status"),
+            commands: device("commands"),
+            command_results: device("commands/results"),
+            gateway_status: "gateway/{gateway_id}/status".into(),
+        }
+    }
+}
+
+/// `[mqtt.backlog]`: the store-and-forward budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BacklogConfig {
+    /// Most bytes of unpublished frames kept for the broker. Default 268435456 (256 MiB).
+    pub max_bytes: u64,
+    /// `slow` (default) or `drop-oldest`; see [`BacklogPolicy`].
+    pub when_full: BacklogPolicy,
+}
+
+impl Default for BacklogConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+            when_full: BacklogPolicy::Slow,
+        }
+    }
+}
+
+/// `[mqtt.embedded]`: the broker started inside the gateway when no `mqtt.url` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedBrokerConfig {
+    /// Start it (only when `mqtt.url` is unset). Default true.
+    pub enabled: bool,
+    /// Its MQTT listener. Default `127.0.0.1:1883`.
+    pub listen: SocketAddr,
+}
+
+impl Default for EmbeddedBrokerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+        }
+    }
+}
+
+/// `[mqtt]`: the bridge to an MQTT broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Bridge to MQTT at all. Default true. When false, nothing is kept for publishing.
+    pub enabled: bool,
+    /// Broker URL, `mqtt://host:port` or `mqtts://host:port` (TLS). Unset: the embedded
+    /// broker.
+    pub url: Option<String>,
+    /// This gateway's name in topics and the default client id. Default: the host name.
+    pub gateway_id: String,
+    /// MQTT client id. Default `gateway-<gateway_id>`.
+    pub client_id: Option<String>,
+    /// Broker user name.
+    pub username: Option<String>,
+    /// Broker password (needs `username`).
+    pub password: Option<String>,
+    /// PEM file of CA certificates to trust for `mqtts://`. Default: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for `mqtts://` (needs `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// MQTT keepalive. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// First reconnect delay; doubles per failure (with jitter) up to `reconnect_max`.
+    /// Default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Most QoS 1 publishes awaiting PUBACK. Default 100.
+    pub inflight: u16,
+    /// `json` (default) or `protobuf` for telemetry and events; command results are JSON.
+    pub payload: PayloadFormat,
+    /// Used for commands that give no `timeout_ms`. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Topic templates.
+    pub topics: TopicsConfig,
+    /// Store-and-forward budget.
+    pub backlog: BacklogConfig,
+    /// The embedded broker.
+    pub embedded: EmbeddedBrokerConfig,
+}
+
+/// The host name, made safe for a topic level; `gateway` if unknown.
+fn default_gateway_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if id.is_empty() {
+        "gateway".into()
+    } else {
+        id
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: None,
+            gateway_id: default_gateway_id(),
+            client_id: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            keepalive: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            inflight: 100,
+            payload: PayloadFormat::Json,
+            command_timeout: Duration::from_secs(60),
+            topics: TopicsConfig::default(),
+            backlog: BacklogConfig::default(),
+            embedded: EmbeddedBrokerConfig::default(),
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The client id: `client_id`, or `gateway-<gateway_id>`.
+    pub fn client_id(&self) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("gateway-{}", self.gateway_id))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: String| ConfigError::Invalid { field, reason };
+        if self.gateway_id.is_empty() || self.gateway_id.contains(['/', '+', '#']) {
+            return Err(invalid(
+                "mqtt.gateway_id",
+                "must be non-empty and free of '/', '+' and '#'".into(),
+            ));
+        }
+        if let Some(url) = &self.url {
+            if !(url.starts_with("mqtt://") || url.starts_with("mqtts://")) {
+                return Err(invalid(
+                    "mqtt.url",
+                    format!("{url:?} must start with mqtt:// or mqtts://"),
+                ));
+            }
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(invalid("mqtt.password", "needs mqtt.username".into()));
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(invalid(
+                "mqtt.client_cert",
+                "client_cert and client_key go together".into(),
+            ));
+        }
+        if self.inflight == 0 {
+            return Err(invalid("mqtt.inflight", "must be at least 1".into()));
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
+            return Err(invalid(
+                "mqtt.reconnect_min",
+                "must be above zero and at most mqtt.reconnect_max".into(),
+            ));
+        }
+        let t = &self.topics;
+        for (field, template) in [
+            ("mqtt.topics.telemetry", &t.telemetry),
+            ("mqtt.topics.events", &t.events),
+            ("mqtt.topics.status", &t.status),
+            ("mqtt.topics.commands", &t.commands),
+            ("mqtt.topics.command_results", &t.command_results),
+        ] {
+            check_template(template, true).map_err(|reason| invalid(field, reason))?;
+        }
+        check_template(&t.gateway_status, false)
+            .map_err(|reason| invalid("mqtt.topics.gateway_status", reason))?;
+        Ok(())
+    }
+}
+
+/// A topic template: placeholders fill whole levels, `{device_id}` present exactly when
+/// wanted, no wildcards.
+fn check_template(template: &str, per_device: bool) -> Result<(), String> {
+    if template.contains(['+', '#']) {
+        return Err(format!("{template:?} must not contain MQTT wildcards"));
+    }
+    let mut device_levels = 0;
+    for level in template.split('/') {
+        match level {
+            "{device_id}" => device_levels += 1,
+            "{gateway_id}" => {}
+            other if other.contains('{') || other.contains('}') => {
+                return Err(format!(
+                    "{template:?}: a placeholder must fill a whole level; known: {{gateway_id}}, {{device_id}}"
+                ))
+            }
+            _ => {}
+        }
+    }
+    match (per_device, device_levels) {
+        (true, 1) | (false, 0) => Ok(()),
+        (true, _) => Err(format!("{template:?} must contain {{device_id}} once")),
+        (false, _) => Err(format!("{template:?} must not contain {{device_id}}")),
+    }
+}
+
 impl Config {
     /// Parses and validates a TOML document.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
@@ -245,7 +520,7 @@ impl Config {
         if self.auth.fleet_secret.as_deref() == Some("") {
             return Err(invalid("auth.fleet_secret", "must not be empty"));
         }
-        Ok(())
+        self.mqtt.validate()
     }
 
     /// The SQLite file: `store.path`, or `<data_dir>/gateway.db`.
@@ -311,6 +586,27 @@ mod tests {
         assert!(err.to_string().contains("store.batch_max_frames"), "{err}");
         let err = Config::from_toml("[session]\nhello_timeout = \"0s\"\n").unwrap_err();
         assert!(err.to_string().contains("session.hello_timeout"), "{err}");
+    }
+
+    #[test]
+    fn topic_templates_are_checked() {
+        let err = Config::from_toml("[mqtt.topics]\ntelemetry = \"t/{device_id}x\"\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.topics.telemetry"), "{err}");
+        let err = Config::from_toml("[mqtt.topics]\nevents = \"e/all\"\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.topics.events"), "{err}");
+        let err =
+            Config::from_toml("[mqtt.topics]\ngateway_status = \"g/{device_id}\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("mqtt.topics.gateway_status"),
+            "{err}"
+        );
+        assert!(Config::from_toml("[mqtt.topics]\ncommands = \"cmd/{device_id}\"\n").is_ok());
+    }
+
+    #[test]
+    fn a_bad_mqtt_url_is_named() {
+        let err = Config::from_toml("[mqtt]\nurl = \"tcp://x:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.url"), "{err}");
     }
 
     #[test]

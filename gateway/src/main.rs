@@ -239,7 +239,7 @@ async fn devices_cmd(command: DevicesCommand, common: Common) -> anyhow::Result<
         .with_context(|| format!("opening the store {}", path.display()))?;
     match command {
         DevicesCommand::Add { id, force } => {
-            gateway::session::state::check_name("device id", &id).map_err(anyhow::Error::msg)?;
+            gateway::session::state::check_name("device_id", &id).map_err(anyhow::Error::msg)?;
             let token = devices::add(store.pool(), &id, force).await?;
             println!("{token}");
             eprintln!("device {id:?} provisioned; this token is shown once");

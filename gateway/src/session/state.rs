@@ -74,6 +74,10 @@ pub fn check_name(field: &str, value: &str) -> Result<(), String> {
     if value.chars().any(char::is_control) {
         return Err(format!("{field} must not contain control characters"));
     }
+    if field == "device_id" && value.contains(['/', '+', '#']) {
+        // It becomes an MQTT topic level.
+        return Err(format!("{field} must not contain '/', '+' or '#'"));
+    }
     Ok(())
 }
 
@@ -150,7 +154,20 @@ impl SessionState {
                 *last_seq = msg.seq;
                 Step::Store {
                     seq: msg.seq,
-                    body: FrameBody::Telemetry(t.readings),
+                    body: FrameBody::Telemetry(t),
+                }
+            }
+            (State::Active { last_seq, .. }, Body::CommandResult(r)) => {
+                if let Err(step) = check_seq(msg.seq, last_seq) {
+                    return step;
+                }
+                if let Err(e) = check_name("command_result.id", &r.id) {
+                    return close(ErrorCode::MalformedMessage, e);
+                }
+                *last_seq = msg.seq;
+                Step::Store {
+                    seq: msg.seq,
+                    body: FrameBody::CommandResult(r),
                 }
             }
             (State::Active { last_seq, .. }, Body::Event(e)) => {
@@ -279,7 +296,7 @@ mod tests {
 
     #[test]
     fn a_hello_with_a_bad_device_id_is_malformed() {
-        for id in ["", "a\nb", &"x".repeat(MAX_NAME_LEN + 1)] {
+        for id in ["", "a\nb", "a/b", "a+", "#", &"x".repeat(MAX_NAME_LEN + 1)] {
             let mut s = SessionState::new();
             assert_eq!(
                 code(s.on_message(msg(0, hello(id)), 0)),

@@ -6,7 +6,9 @@
 //! slow query never stalls ingest. The schema interns device and sensor names into integer
 //! keys; users read the `telemetry` and `events` views.
 
+pub mod batch;
 pub mod devices;
+pub mod outbox;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,3 @@
+//! The MQTT bridge.
+
+pub mod payload;
