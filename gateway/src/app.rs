@@ -13,11 +13,14 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
+use crate::bridge;
+use crate::broker;
 use crate::config::{AuthMode, Config};
 use crate::link::tcp;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::session::{Shared, Timers};
+use crate::store::outbox::Backlog;
 use crate::store::{writer, Store};
 
 /// Everything `serve` needs besides the config.
@@ -47,11 +50,53 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     let writer_conn = store
         .take_writer_conn()
         .context("the store's writer connection was already taken")?;
+    let registry = Arc::new(Registry::default());
+    // The bridge outlives the sessions and the writer on shutdown, so it stops on its own
+    // token.
+    let bridge_shutdown = CancellationToken::new();
+    let (backlog, bridge) = if config.mqtt.enabled {
+        let url = match &config.mqtt.url {
+            Some(url) => url.clone(),
+            None if config.mqtt.embedded.enabled => {
+                let listen = config.mqtt.embedded.listen;
+                tokio::task::spawn_blocking(move || broker::start(listen)).await??
+            }
+            None => anyhow::bail!(
+                "mqtt.enabled is true, but mqtt.url is unset and the embedded broker is off: set mqtt.url, or mqtt.enabled = false"
+            ),
+        };
+        let backlog = Arc::new(
+            Backlog::load(
+                store.pool(),
+                config.mqtt.backlog.max_bytes,
+                config.mqtt.backlog.when_full,
+            )
+            .await
+            .context("reading the MQTT backlog")?,
+        );
+        tracing::info!(%url, gateway_id = %config.mqtt.gateway_id, backlog_bytes = backlog.bytes(), "bridging to MQTT");
+        let (handle, task) = bridge::spawn(
+            bridge::Parts {
+                config: config.mqtt.clone(),
+                url,
+                pool: store.pool().clone(),
+                backlog: backlog.clone(),
+                registry: registry.clone(),
+                metrics: metrics.clone(),
+            },
+            bridge_shutdown.clone(),
+        )
+        .await
+        .context("starting the MQTT bridge")?;
+        (Some(backlog), Some((handle, task)))
+    } else {
+        (None, None)
+    };
     let (writer, writer_task) = writer::spawn(
         writer_conn,
         config.store.queue_frames,
         config.store.batch_max_frames,
-        None,
+        backlog.clone(),
         metrics.clone(),
     );
     if config.auth.mode == AuthMode::None {
@@ -61,7 +106,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     let shared = Arc::new(Shared {
         writer,
         auth: Authenticator::new(config.auth.mode, fleet_secret, store.pool().clone()),
-        registry: Registry::default(),
+        registry,
         metrics: metrics.clone(),
         pool: store.pool().clone(),
         config: Timers {
@@ -70,8 +115,13 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             write_timeout: config.session.write_timeout,
             drain_timeout: shutdown_timeout / 2,
         },
+        bridge: bridge.as_ref().map(|(handle, _)| handle.clone()),
     });
-    let reporter = tokio::spawn(report_periodically(metrics.clone(), shutdown.clone()));
+    let reporter = tokio::spawn(report_periodically(
+        metrics.clone(),
+        backlog.clone(),
+        shutdown.clone(),
+    ));
 
     let mut sessions = tcp::accept_loop(
         listener,
@@ -108,13 +158,29 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     {
         tracing::error!("the store writer did not finish in time; unacknowledged frames will be resent by devices");
     }
+    // Then the bridge: it publishes the gateway's `offline` and records what the broker
+    // acknowledged; the rest of the backlog waits in the store for the next start.
+    bridge_shutdown.cancel();
+    if let Some((_, task)) = bridge {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if timeout(remaining.max(Duration::from_secs(3)), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the MQTT bridge did not stop in time");
+        }
+    }
     reporter.abort();
-    log_summary(&metrics, "stopped");
+    log_summary(&metrics, backlog.as_deref(), "stopped");
     Ok(())
 }
 
 /// Logs one summary line a minute while anything changes.
-async fn report_periodically(metrics: Arc<Metrics>, shutdown: CancellationToken) {
+async fn report_periodically(
+    metrics: Arc<Metrics>,
+    backlog: Option<Arc<Backlog>>,
+    shutdown: CancellationToken,
+) {
     let mut last = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     tick.tick().await;
@@ -128,14 +194,20 @@ async fn report_periodically(metrics: Arc<Metrics>, shutdown: CancellationToken)
             Metrics::get(&metrics.connections_accepted),
         );
         if now != last {
-            log_summary(&metrics, "running");
+            log_summary(&metrics, backlog.as_deref(), "running");
             last = now;
         }
     }
 }
 
-fn log_summary(metrics: &Metrics, state: &str) {
+fn log_summary(metrics: &Metrics, backlog: Option<&Backlog>, state: &str) {
+    use std::sync::atomic::Ordering::Relaxed;
     tracing::info!(
+        mqtt_connected = metrics.mqtt_connected.load(Relaxed),
+        uplink_published = Metrics::get(&metrics.uplink_published),
+        backlog_bytes = backlog.map_or(0, |b| b.bytes()),
+        uplink_dropped = backlog.map_or(0, |b| b.dropped_frames.load(Relaxed)),
+        commands = Metrics::get(&metrics.commands_received),
         sessions = metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed),
         connections = Metrics::get(&metrics.connections_accepted),
         frames_stored = Metrics::get(&metrics.frames_stored),

@@ -39,23 +39,27 @@ impl Authenticator {
         }
     }
 
-    /// Whether `token` proves `device_id`.
+    /// Whether `token` proves `device_id`. A device seen for the first time is recorded.
     pub async fn check(&self, device_id: &str, token: &str) -> Result<(), AuthError> {
-        if self.mode == AuthMode::None {
-            return Ok(());
-        }
         let creds = devices::credentials(&self.pool, device_id).await?;
-        if let Some(creds) = &creds {
-            if creds.revoked_at_ms.is_some() {
-                return Err(AuthError::Revoked);
-            }
-            if creds.token_hash.as_deref() == Some(devices::hash_token(token).as_str()) {
-                return Ok(());
+        if self.mode == AuthMode::Token {
+            let provisioned = match &creds {
+                Some(c) if c.revoked_at_ms.is_some() => return Err(AuthError::Revoked),
+                Some(c) => c.token_hash.as_deref() == Some(devices::hash_token(token).as_str()),
+                None => false,
+            };
+            let fleet = || {
+                self.fleet_secret.as_ref().is_some_and(|secret| {
+                    proto::token::verify_fleet_token(secret, device_id, token)
+                })
+            };
+            if !provisioned && !fleet() {
+                return Err(AuthError::Failed);
             }
         }
-        match &self.fleet_secret {
-            Some(secret) if proto::token::verify_fleet_token(secret, device_id, token) => Ok(()),
-            _ => Err(AuthError::Failed),
+        if creds.is_none() {
+            devices::ensure(&self.pool, device_id).await?;
         }
+        Ok(())
     }
 }

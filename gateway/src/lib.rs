@@ -7,6 +7,7 @@
 pub mod app;
 pub mod auth;
 pub mod bridge;
+pub mod broker;
 pub mod config;
 pub mod link;
 pub mod metrics;

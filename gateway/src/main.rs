@@ -61,6 +61,13 @@ struct RunArgs {
     /// How devices authenticate (overrides auth.mode).
     #[arg(long, value_enum)]
     auth: Option<AuthMode>,
+    /// MQTT broker to bridge to, mqtt://HOST:PORT or mqtts://HOST:PORT (overrides mqtt.url;
+    /// without it the embedded broker runs).
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
+    /// Run without the MQTT bridge (sets mqtt.enabled = false).
+    #[arg(long, conflicts_with = "mqtt")]
+    no_mqtt: bool,
 }
 
 #[derive(Subcommand)]
@@ -87,7 +94,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -172,6 +179,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(mode) = args.auth {
         config.auth.mode = mode;
     }
+    if let Some(url) = args.mqtt {
+        config.mqtt.url = Some(url);
+        config.mqtt.enabled = true;
+    }
+    if args.no_mqtt {
+        config.mqtt.enabled = false;
+    }
     config.validate()?;
 
     let fleet_secret = match (
@@ -198,6 +212,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding the device listener on {}", config.tcp.listen))?;
     let local = listener.local_addr()?;
     println!("store: {}", config.db_path().display());
+    match (&config.mqtt.enabled, &config.mqtt.url) {
+        (false, _) => println!("mqtt: off"),
+        (true, Some(url)) => println!("mqtt: bridging to {url}"),
+        (true, None) => println!(
+            "mqtt: embedded broker on mqtt://{} (topics gateway/{}/...)",
+            config.mqtt.embedded.listen, config.mqtt.gateway_id
+        ),
+    }
     println!("devices: listening on tcp://{local}");
 
     let shutdown = CancellationToken::new();

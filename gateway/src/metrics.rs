@@ -28,6 +28,18 @@ pub struct Metrics {
     pub batches_committed: AtomicU64,
     /// Transactions that failed (their links were closed unacknowledged).
     pub commit_failures: AtomicU64,
+    /// Outbox rows the broker acknowledged (and the cursor passed).
+    pub uplink_published: AtomicU64,
+    /// Outbox rows that did not decode and were skipped.
+    pub uplink_skipped: AtomicU64,
+    /// 1 while connected to the MQTT broker.
+    pub mqtt_connected: AtomicI64,
+    /// Successful MQTT connections (ConnAck).
+    pub mqtt_connects: AtomicU64,
+    /// Command requests received from the broker.
+    pub commands_received: AtomicU64,
+    /// Command requests dropped because the command queue was full.
+    pub commands_dropped: AtomicU64,
     /// Links closed with an error frame, by `ErrorCode`.
     link_errors: [AtomicU64; ERROR_CODES],
 }

@@ -15,7 +15,7 @@ async fn a_gateway_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     let log = dir.path().join("gateway.log");
     let listen = format!("127.0.0.1:{}", free_port());
 
-    let gw = GatewayProcess::start(&db, &listen, &log).await;
+    let gw = GatewayProcess::start(&db, &listen, &log, &[]).await;
     let fleet = tokio::spawn(firmware_sim::run_fleet(firmware_sim::FleetConfig {
         devices: 20,
         rate: 50.0,
@@ -36,7 +36,7 @@ async fn a_gateway_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.kill().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let gw = GatewayProcess::start(&db, &listen, &log).await;
+    let gw = GatewayProcess::start(&db, &listen, &log, &[]).await;
 
     // Graceful restart: stop accepting, commit and ack in-flight frames, exit 0.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -46,7 +46,7 @@ async fn a_gateway_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
         "SIGTERM exits 0, got {status:?}; log: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    let gw = GatewayProcess::start(&db, &listen, &log).await;
+    let gw = GatewayProcess::start(&db, &listen, &log, &[]).await;
 
     let report = fleet.await.unwrap();
     assert!(report.is_clean(), "{}", report.to_table());

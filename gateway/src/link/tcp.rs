@@ -36,7 +36,7 @@ pub async fn accept_loop(
                     shared.metrics.inc(&shared.metrics.connections_accepted);
                     let _ = stream.set_nodelay(true);
                     let link = Framed::new(stream, DelimitedCodec::<DeviceMessage>::new(max_frame_bytes));
-                    sessions.spawn(task::run(shared.clone(), link, format!("tcp {peer}"), shutdown.clone()));
+                    sessions.spawn(task::run(shared.clone(), link, "tcp", format!("tcp {peer}"), shutdown.clone()));
                 }
                 Err(e) => {
                     if !accept_errors_logged {

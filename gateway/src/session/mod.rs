@@ -10,6 +10,7 @@ use std::time::Duration;
 use sqlx::SqlitePool;
 
 use crate::auth::Authenticator;
+use crate::bridge::BridgeHandle;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::writer::WriterHandle;
@@ -34,11 +35,13 @@ pub struct Shared {
     /// Checks Hello credentials.
     pub auth: Authenticator,
     /// Device id to current link.
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     /// Gateway-wide counters.
     pub metrics: Arc<Metrics>,
     /// Read pool, for `last_seq` at Hello.
     pub pool: SqlitePool,
     /// Session timers.
     pub config: Timers,
+    /// Where device status goes; `None` when the MQTT bridge is off.
+    pub bridge: Option<BridgeHandle>,
 }

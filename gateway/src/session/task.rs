@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use proto::v1::{gateway_message, Ack, ErrorCode, GatewayMessage, HelloAck};
+use proto::v1::{gateway_message, Ack, Command, ErrorCode, GatewayMessage, HelloAck};
 use proto::CodecError;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
@@ -20,6 +20,9 @@ use tracing::{debug, warn};
 use super::state::{SessionState, Step};
 use super::Shared;
 use crate::auth::AuthError;
+use crate::bridge::StatusChange;
+use crate::registry::Registration;
+use crate::store::commands;
 use crate::store::writer::{Durable, WriteFrame};
 use crate::store::{devices, now_ms};
 
@@ -57,9 +60,15 @@ fn message(body: gateway_message::Body) -> GatewayMessage {
     GatewayMessage { body: Some(body) }
 }
 
-/// Runs one link to its end. `peer` names it in logs ("tcp 127.0.0.1:5555").
-pub async fn run<L>(shared: Arc<Shared>, mut link: L, peer: String, shutdown: CancellationToken)
-where
+/// Runs one link to its end. `kind` is the link kind ("tcp", "serial") shown in device
+/// status; `peer` names it in logs ("tcp 127.0.0.1:5555").
+pub async fn run<L>(
+    shared: Arc<Shared>,
+    mut link: L,
+    kind: &'static str,
+    peer: String,
+    shutdown: CancellationToken,
+) where
     L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
         + Sink<GatewayMessage, Error = CodecError>
         + Unpin,
@@ -68,6 +77,7 @@ where
     let _enter = span.enter();
     let mut session = Session {
         shared: &shared,
+        kind,
         state: SessionState::new(),
         last_forwarded: 0,
         last_acked: 0,
@@ -95,6 +105,8 @@ where
 
 struct Session<'a> {
     shared: &'a Shared,
+    /// Link kind, for device status.
+    kind: &'static str,
     state: SessionState,
     /// Highest seq queued to the writer.
     last_forwarded: u64,
@@ -170,7 +182,8 @@ impl Session<'_> {
             Ok(s) => s,
             Err(e) => return Closed::with(ErrorCode::Internal, format!("store: {e}")),
         };
-        let registration = self.shared.registry.register(&device);
+        let mut registration = self.shared.registry.register(&device, self.kind);
+        self.report_status(&device, true, Some(hello.firmware_version.clone()));
         self.state.activate(device.clone(), hello.epoch);
         self.shared
             .metrics
@@ -182,14 +195,16 @@ impl Session<'_> {
             .active(
                 link,
                 shutdown,
-                &registration.superseded,
+                &mut registration,
                 device.clone(),
                 hello.epoch,
                 last_seq,
             )
             .await;
 
-        self.shared.registry.unregister(&device, registration.conn);
+        if self.shared.registry.unregister(&device, registration.conn) {
+            self.report_status(&device, false, None);
+        }
         self.shared
             .metrics
             .sessions_active
@@ -197,12 +212,38 @@ impl Session<'_> {
         closed
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Tells the bridge (if any) that the device came or went.
+    fn report_status(&self, device: &Arc<str>, online: bool, firmware_version: Option<String>) {
+        if let Some(bridge) = &self.shared.bridge {
+            bridge.status(StatusChange {
+                device: device.clone(),
+                online,
+                link: self.kind,
+                firmware_version,
+                ts_ms: now_ms(),
+            });
+        }
+    }
+
+    /// Writes a command to the device and records that it was delivered.
+    async fn deliver<L>(&self, link: &mut L, device: &str, command: Command) -> Result<(), Closed>
+    where
+        L: Sink<GatewayMessage, Error = CodecError> + Unpin,
+    {
+        let id = command.id.clone();
+        self.send(link, message(gateway_message::Body::Command(command)))
+            .await?;
+        if let Err(e) = commands::mark_sent(&self.shared.pool, device, &id, now_ms()).await {
+            warn!(error = %e, command = %id, "recording a command delivery failed");
+        }
+        Ok(())
+    }
+
     async fn active<L>(
         &mut self,
         link: &mut L,
         shutdown: &CancellationToken,
-        superseded: &CancellationToken,
+        registration: &mut Registration,
         device: Arc<str>,
         epoch: u64,
         last_seq: u64,
@@ -219,6 +260,20 @@ impl Session<'_> {
         if let Err(closed) = self.send(link, hello_ack).await {
             return closed;
         }
+        // Commands that waited for this device (at least once: one may also arrive through
+        // the registry; devices treat a repeated id as done).
+        match commands::open_for_device(&self.shared.pool, &device, now_ms()).await {
+            Ok(waiting) => {
+                for command in waiting {
+                    if let Err(closed) = self.deliver(link, &device, command).await {
+                        return closed;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "loading waiting commands failed; they are delivered at the next connection")
+            }
+        }
         let (ack_tx, mut acks) = watch::channel(Durable::default());
         let ack_tx = Arc::new(ack_tx);
         let idle_timeout = self.shared.config.idle_timeout;
@@ -231,11 +286,16 @@ impl Session<'_> {
                 _ = shutdown.cancelled() => {
                     return self.drain(link, &mut acks).await;
                 }
-                _ = superseded.cancelled() => {
+                _ = registration.superseded.cancelled() => {
                     return Closed::with(ErrorCode::Superseded, "a newer link of this device connected");
                 }
                 Ok(()) = acks.changed() => {
                     if let Err(closed) = self.send_ack(link, &mut acks).await {
+                        return closed;
+                    }
+                }
+                Some(command) = registration.commands.recv() => {
+                    if let Err(closed) = self.deliver(link, &device, command).await {
                         return closed;
                     }
                 }

@@ -66,6 +66,17 @@ pub async fn last_seq(pool: &SqlitePool, device_id: &str, epoch: u64) -> Result<
     Ok(seq.map_or(0, u64_from_sql))
 }
 
+/// Records a device that authenticated, so the gateway owns it (MQTT subscriptions,
+/// commands) even before it sends data.
+pub async fn ensure(pool: &SqlitePool, device_id: &str) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO devices (device_id, created_at_ms) VALUES (?, ?) ON CONFLICT (device_id) DO NOTHING")
+        .bind(device_id)
+        .bind(now_ms())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// Why `devices add` refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AddError {

@@ -7,6 +7,7 @@
 //! keys; users read the `telemetry` and `events` views.
 
 pub mod batch;
+pub mod commands;
 pub mod devices;
 pub mod outbox;
 pub mod writer;

@@ -187,15 +187,19 @@ pub async fn cursor(pool: &SqlitePool) -> Result<i64, StoreError> {
     Ok(last.unwrap_or(0))
 }
 
-/// Deletes every row up to and including `upto` (the broker has them); returns their cost.
-pub async fn delete_upto(pool: &SqlitePool, upto: i64) -> Result<u64, StoreError> {
+/// Deletes every row up to and including `upto` (the broker has them); returns (rows,
+/// cost).
+pub async fn delete_upto(pool: &SqlitePool, upto: i64) -> Result<(u64, u64), StoreError> {
     let costs: Vec<i64> = sqlx::query_scalar(&format!(
         "DELETE FROM outbox WHERE id <= ? RETURNING {ROW_COST_SQL}"
     ))
     .bind(upto)
     .fetch_all(pool)
     .await?;
-    Ok(costs.iter().map(|&c| c.max(0) as u64).sum())
+    Ok((
+        costs.len() as u64,
+        costs.iter().map(|&c| c.max(0) as u64).sum(),
+    ))
 }
 
 /// Deletes the oldest `n` rows (the `drop-oldest` policy); returns (rows, cost).

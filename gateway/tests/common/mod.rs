@@ -44,6 +44,8 @@ impl TestGateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::default();
         config.data_dir.0 = dir.path().to_path_buf();
+        config.mqtt.enabled = false; // tests that bridge say so
+        config.mqtt.gateway_id = "test-gw".into();
         tweak(&mut config);
         config.validate().expect("valid test config");
         let db = config.db_path();
@@ -251,8 +253,9 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// Starts `gateway run` on `listen` with its store at `db`; waits until it listens.
-    pub async fn start(db: &Path, listen: &str, log: &Path) -> Self {
+    /// Starts `gateway run` on `listen` with its store at `db` and `extra` arguments
+    /// (`--no-mqtt` when empty); waits until it listens.
+    pub async fn start(db: &Path, listen: &str, log: &Path, extra: &[&str]) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -261,6 +264,11 @@ impl GatewayProcess {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
             .args(["run", "--listen", listen, "--fleet-secret", SECRET, "--db"])
             .arg(db)
+            .args(if extra.is_empty() {
+                &["--no-mqtt"][..]
+            } else {
+                extra
+            })
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
