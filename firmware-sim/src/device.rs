@@ -13,9 +13,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use prost::Message;
+use proto::v1::command_result::Status;
 use proto::v1::{
-    device_message::Body, gateway_message, DeviceMessage, ErrorCode, GatewayMessage, Hello, Ping,
-    Reading, Telemetry,
+    device_message::Body, gateway_message, Command, CommandResult, DeviceMessage, ErrorCode,
+    GatewayMessage, Hello, Ping, Reading, Telemetry,
 };
 use proto::DelimitedCodec;
 use rand::Rng;
@@ -46,6 +47,29 @@ pub struct DeviceSpec {
     pub keepalive: Duration,
     /// Faults this device commits on purpose.
     pub faults: Faults,
+    /// How it answers commands.
+    pub commands: CommandBehaviour,
+}
+
+/// How a simulated device answers commands.
+#[derive(Debug, Clone, Copy)]
+pub struct CommandBehaviour {
+    /// Time from receiving a command to answering it.
+    pub delay: Duration,
+    /// Share of commands answered with `STATUS_ERROR` instead of `STATUS_OK`.
+    pub failure_rate: f64,
+    /// Never answer (to exercise the gateway's `timeout`).
+    pub ignore: bool,
+}
+
+impl Default for CommandBehaviour {
+    fn default() -> Self {
+        Self {
+            delay: Duration::from_millis(20),
+            failure_rate: 0.0,
+            ignore: false,
+        }
+    }
 }
 
 /// Misbehaviour a device can be told to show, to prove the gateway's guarantees.
@@ -83,8 +107,14 @@ pub struct DeviceOutcome {
     pub frames_acked: u64,
     /// Readings in those frames.
     pub readings_acked: u64,
-    /// Highest seq acknowledged.
+    /// Highest seq of an acknowledged Telemetry frame.
     pub last_acked_seq: u64,
+    /// CommandResult frames acknowledged.
+    pub results_acked: u64,
+    /// Ids of the commands received, in order, each once.
+    pub commands_received: Vec<String>,
+    /// Deliveries of a command id already received (at-least-once repeats).
+    pub commands_repeated: u64,
     /// Frames still unacknowledged at the end.
     pub unacked: u64,
     /// Set when the gateway refused the device for good (bad or revoked token).
@@ -94,7 +124,8 @@ pub struct DeviceOutcome {
 struct Pending {
     seq: u64,
     bytes: Bytes,
-    readings: u64,
+    /// Readings in it; `None` for a CommandResult.
+    readings: Option<u64>,
     first_sent: Instant,
 }
 
@@ -148,6 +179,10 @@ pub struct Device {
     phase: f64,
     next_seq: u64,
     pending: VecDeque<Pending>,
+    /// Command ids seen, so repeats are recognised.
+    seen_commands: std::collections::HashSet<String>,
+    /// Answers to send, with when they are due.
+    answers: VecDeque<(Instant, CommandResult)>,
     outcome: DeviceOutcome,
     stats: Arc<FleetStats>,
 }
@@ -163,6 +198,9 @@ impl Device {
             frames_acked: 0,
             readings_acked: 0,
             last_acked_seq: 0,
+            results_acked: 0,
+            commands_received: Vec::new(),
+            commands_repeated: 0,
             unacked: 0,
             gave_up: None,
         };
@@ -171,6 +209,8 @@ impl Device {
             phase: rand::rng().random_range(0.0..std::f64::consts::TAU),
             next_seq: 1,
             pending: VecDeque::new(),
+            seen_commands: std::collections::HashSet::new(),
+            answers: VecDeque::new(),
             outcome,
             stats,
             spec,
@@ -196,18 +236,60 @@ impl Device {
                 }
             })
             .collect();
+        let n = self.names.len() as u64;
+        self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n))
+    }
+
+    /// Numbers a data message and encodes it once, for sending and resending.
+    fn data_frame(&mut self, body: Body, readings: Option<u64>) -> Pending {
         let seq = self.next_seq;
         self.next_seq += 1;
         let msg = DeviceMessage {
             seq,
-            body: Some(Body::Telemetry(Telemetry { readings })),
+            body: Some(body),
         };
         Pending {
             seq,
             bytes: encode(&msg),
-            readings: self.names.len() as u64,
+            readings,
             first_sent: Instant::now(),
         }
+    }
+
+    /// A command arrived: note it, and schedule an answer unless it is a repeat.
+    fn on_command(&mut self, command: Command) {
+        if !self.seen_commands.insert(command.id.clone()) {
+            self.outcome.commands_repeated += 1;
+            return;
+        }
+        self.outcome.commands_received.push(command.id.clone());
+        let behaviour = self.spec.commands;
+        if behaviour.ignore {
+            return;
+        }
+        let failed = behaviour.failure_rate > 0.0
+            && rand::rng().random_bool(behaviour.failure_rate.min(1.0));
+        let result = CommandResult {
+            id: command.id,
+            status: if failed { Status::Error } else { Status::Ok } as i32,
+            detail: if failed {
+                "simulated failure".into()
+            } else {
+                format!("{} done", command.name)
+            },
+            payload: if failed { Vec::new() } else { b"ok".to_vec() },
+        };
+        self.answers
+            .push_back((Instant::now() + behaviour.delay, result));
+    }
+
+    /// Sends a new data frame and keeps it until acknowledged; false if the link broke.
+    async fn send_new(&mut self, write: &mut OwnedWriteHalf, frame: Pending) -> bool {
+        let ok = write.write_all(&frame.bytes).await.is_ok();
+        self.outcome.frames_sent += 1;
+        self.stats.add_sent(1);
+        self.pending.push_back(frame);
+        ok
     }
 
     /// Forgets every frame at or below `seq`: the gateway holds them durably.
@@ -217,12 +299,15 @@ impl Device {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            self.outcome.frames_acked += 1;
-            self.outcome.readings_acked += p.readings;
+            match p.readings {
+                Some(n) => {
+                    self.outcome.frames_acked += 1;
+                    self.outcome.readings_acked += n;
+                    self.outcome.last_acked_seq = p.seq;
+                }
+                None => self.outcome.results_acked += 1,
+            }
             latencies.push(p.first_sent.elapsed());
-        }
-        if seq > self.outcome.last_acked_seq {
-            self.outcome.last_acked_seq = seq;
         }
         self.stats.record_acks(&latencies);
     }
@@ -340,22 +425,31 @@ impl Device {
                 return LinkEnd::Done;
             }
             let can_send = producing && self.pending.len() < self.spec.window;
+            let answer_ready = !self.answers.is_empty() && self.pending.len() < self.spec.window;
+            let answer_due = self.answers.front().map_or_else(Instant::now, |a| a.0);
             tokio::select! {
                 biased;
                 msg = reader.next() => match msg {
                     Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Ack(ack)) })) => self.acked(ack.seq),
                     Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Error(e)) })) => return self.on_error(&e),
+                    Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Command(c)) })) => self.on_command(c),
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => return LinkEnd::Lost,
                 },
                 _ = sleep_until(timing.drain_until) => return LinkEnd::Done,
                 _ = sleep_until(timing.stop_at), if producing => {}
+                _ = sleep_until(answer_due), if answer_ready => {
+                    if let Some((_, result)) = self.answers.pop_front() {
+                        let frame = self.data_frame(Body::CommandResult(result), None);
+                        if !self.send_new(write, frame).await {
+                            return LinkEnd::Lost;
+                        }
+                        last_write = Instant::now();
+                    }
+                }
                 _ = sleep_until(next_send), if can_send => {
                     let frame = self.next_frame();
-                    let ok = write.write_all(&frame.bytes).await.is_ok();
-                    self.outcome.frames_sent += 1;
-                    self.stats.add_sent(1);
-                    self.pending.push_back(frame);
+                    let ok = self.send_new(write, frame).await;
                     let p = self.spec.faults.disconnect_after_send;
                     if !ok || (p > 0.0 && rand::rng().random_bool(p.min(1.0))) {
                         return LinkEnd::Lost;

@@ -8,7 +8,7 @@ use rand::Rng;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::device::{Device, DeviceSpec, Faults, Timing};
+use crate::device::{CommandBehaviour, Device, DeviceSpec, Faults, Timing};
 use crate::report::{FleetStats, Report};
 
 /// How to run a fleet.
@@ -42,6 +42,8 @@ pub struct FleetConfig {
     pub keepalive: Duration,
     /// Faults every device commits.
     pub faults: Faults,
+    /// How devices answer commands.
+    pub commands: CommandBehaviour,
 }
 
 impl Default for FleetConfig {
@@ -61,6 +63,7 @@ impl Default for FleetConfig {
             ramp: Duration::from_millis(500),
             keepalive: Duration::from_secs(20),
             faults: Faults::default(),
+            commands: CommandBehaviour::default(),
         }
     }
 }
@@ -111,6 +114,7 @@ pub async fn run_fleet(config: FleetConfig) -> Report {
             window: config.window.max(1),
             keepalive: config.keepalive,
             faults: config.faults,
+            commands: config.commands,
         };
         let offset = if ramp.is_zero() {
             Duration::ZERO

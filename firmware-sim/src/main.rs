@@ -59,6 +59,15 @@ struct RunArgs {
     /// Epoch of every device (default: the start time in ms).
     #[arg(long)]
     epoch: Option<u64>,
+    /// Milliseconds a device takes to answer a command.
+    #[arg(long, default_value_t = 20)]
+    command_delay_ms: u64,
+    /// Share of commands answered with an error (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    command_failure_rate: f64,
+    /// Never answer commands.
+    #[arg(long)]
+    ignore_commands: bool,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -83,26 +92,37 @@ fn main() -> ExitCode {
         seconds("duration", args.duration),
         seconds("drain", args.drain),
     ) {
-        (Ok(duration), Ok(drain)) if args.rate >= 0.0 && args.rate.is_finite() => FleetConfig {
-            gateway: args.gateway,
-            devices: args.devices,
-            rate: args.rate,
-            readings: args.readings,
-            duration,
-            drain,
-            window: args.window,
-            fleet_secret: args.fleet_secret,
-            token: args.token,
-            prefix: args.prefix,
-            epoch: args.epoch,
-            ..FleetConfig::default()
-        },
+        (Ok(duration), Ok(drain))
+            if args.rate >= 0.0
+                && args.rate.is_finite()
+                && (0.0..=1.0).contains(&args.command_failure_rate) =>
+        {
+            FleetConfig {
+                gateway: args.gateway,
+                devices: args.devices,
+                rate: args.rate,
+                readings: args.readings,
+                duration,
+                drain,
+                window: args.window,
+                fleet_secret: args.fleet_secret,
+                token: args.token,
+                prefix: args.prefix,
+                epoch: args.epoch,
+                commands: firmware_sim::device::CommandBehaviour {
+                    delay: Duration::from_millis(args.command_delay_ms),
+                    failure_rate: args.command_failure_rate,
+                    ignore: args.ignore_commands,
+                },
+                ..FleetConfig::default()
+            }
+        }
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("firmware-sim: {e}");
             return ExitCode::from(2);
         }
         _ => {
-            eprintln!("firmware-sim: --rate must be a non-negative number");
+            eprintln!("firmware-sim: --rate must be a non-negative number and --command-failure-rate between 0 and 1");
             return ExitCode::from(2);
         }
     };

@@ -97,6 +97,12 @@ pub struct Report {
     pub unacked_frames: u64,
     /// Devices the gateway refused for good (bad or revoked token).
     pub devices_refused: u64,
+    /// Distinct commands received.
+    pub commands_received: u64,
+    /// Repeated deliveries of commands already received.
+    pub commands_repeated: u64,
+    /// Command results acknowledged by the gateway.
+    pub results_acked: u64,
     /// Error frames received, by code name.
     pub errors: BTreeMap<String, u64>,
     /// Ack latency of acknowledged frames.
@@ -139,6 +145,12 @@ impl Report {
             reconnects: stats.reconnects.load(Ordering::Relaxed),
             unacked_frames: outcomes.iter().map(|o| o.unacked).sum(),
             devices_refused: outcomes.iter().filter(|o| o.gave_up.is_some()).count() as u64,
+            commands_received: outcomes
+                .iter()
+                .map(|o| o.commands_received.len() as u64)
+                .sum(),
+            commands_repeated: outcomes.iter().map(|o| o.commands_repeated).sum(),
+            results_acked: outcomes.iter().map(|o| o.results_acked).sum(),
             errors: stats
                 .errors
                 .lock()
@@ -171,6 +183,13 @@ impl Report {
         row("reconnects", self.reconnects.to_string());
         row("unacked frames", self.unacked_frames.to_string());
         row("devices refused", self.devices_refused.to_string());
+        row(
+            "commands",
+            format!(
+                "{} received, {} repeats, {} results acked",
+                self.commands_received, self.commands_repeated, self.results_acked
+            ),
+        );
         let errors = if self.errors.is_empty() {
             "none".to_owned()
         } else {

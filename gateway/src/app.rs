@@ -70,6 +70,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
                 store.pool(),
                 config.mqtt.backlog.max_bytes,
                 config.mqtt.backlog.when_full,
+                metrics.clone(),
             )
             .await
             .context("reading the MQTT backlog")?,
@@ -117,11 +118,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         },
         bridge: bridge.as_ref().map(|(handle, _)| handle.clone()),
     });
-    let reporter = tokio::spawn(report_periodically(
-        metrics.clone(),
-        backlog.clone(),
-        shutdown.clone(),
-    ));
+    let reporter = tokio::spawn(report_periodically(metrics.clone(), shutdown.clone()));
 
     let mut sessions = tcp::accept_loop(
         listener,
@@ -171,16 +168,12 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
     reporter.abort();
-    log_summary(&metrics, backlog.as_deref(), "stopped");
+    log_summary(&metrics, "stopped");
     Ok(())
 }
 
 /// Logs one summary line a minute while anything changes.
-async fn report_periodically(
-    metrics: Arc<Metrics>,
-    backlog: Option<Arc<Backlog>>,
-    shutdown: CancellationToken,
-) {
+async fn report_periodically(metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut last = (0, 0);
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     tick.tick().await;
@@ -194,19 +187,19 @@ async fn report_periodically(
             Metrics::get(&metrics.connections_accepted),
         );
         if now != last {
-            log_summary(&metrics, backlog.as_deref(), "running");
+            log_summary(&metrics, "running");
             last = now;
         }
     }
 }
 
-fn log_summary(metrics: &Metrics, backlog: Option<&Backlog>, state: &str) {
+fn log_summary(metrics: &Metrics, state: &str) {
     use std::sync::atomic::Ordering::Relaxed;
     tracing::info!(
         mqtt_connected = metrics.mqtt_connected.load(Relaxed),
         uplink_published = Metrics::get(&metrics.uplink_published),
-        backlog_bytes = backlog.map_or(0, |b| b.bytes()),
-        uplink_dropped = backlog.map_or(0, |b| b.dropped_frames.load(Relaxed)),
+        backlog_bytes = metrics.uplink_backlog_bytes.load(Relaxed),
+        uplink_dropped = Metrics::get(&metrics.uplink_dropped),
         commands = Metrics::get(&metrics.commands_received),
         sessions = metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed),
         connections = Metrics::get(&metrics.connections_accepted),

@@ -39,6 +39,12 @@ struct Common {
 enum Command {
     /// Run the gateway (the default command).
     Run(RunArgs),
+    /// Run only the embedded MQTT broker (rumqttd), e.g. for a second gateway to bridge to.
+    Broker {
+        /// Its MQTT listener.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        listen: SocketAddr,
+    },
     /// Provision, list and revoke devices.
     Devices {
         #[command(subcommand)]
@@ -65,6 +71,9 @@ struct RunArgs {
     /// without it the embedded broker runs).
     #[arg(long, value_name = "URL")]
     mqtt: Option<String>,
+    /// This gateway's id in MQTT topics (overrides mqtt.gateway_id; default: the host name).
+    #[arg(long)]
+    gateway_id: Option<String>,
     /// Run without the MQTT bridge (sets mqtt.enabled = false).
     #[arg(long, conflicts_with = "mqtt")]
     no_mqtt: bool,
@@ -94,9 +103,10 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -109,6 +119,7 @@ fn main() -> std::process::ExitCode {
         match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
             Command::Run(args) => run(args).await,
             Command::Devices { command, common } => devices_cmd(command, common).await,
+            Command::Broker { listen } => broker_cmd(listen).await,
         }
     });
     match result {
@@ -186,6 +197,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.no_mqtt {
         config.mqtt.enabled = false;
     }
+    if let Some(id) = args.gateway_id {
+        config.mqtt.gateway_id = id;
+    }
     config.validate()?;
 
     let fleet_secret = match (
@@ -234,6 +248,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown,
     )
     .await
+}
+
+async fn broker_cmd(listen: SocketAddr) -> anyhow::Result<()> {
+    let url = tokio::task::spawn_blocking(move || gateway::broker::start(listen)).await??;
+    println!("broker: listening on {url}");
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    shutdown.cancelled().await;
+    Ok(())
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.

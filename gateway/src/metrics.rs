@@ -30,6 +30,12 @@ pub struct Metrics {
     pub commit_failures: AtomicU64,
     /// Outbox rows the broker acknowledged (and the cursor passed).
     pub uplink_published: AtomicU64,
+    /// Unpublished bytes in the outbox (gauge).
+    pub uplink_backlog_bytes: AtomicI64,
+    /// 1 while the backlog is at its budget and its policy applies (gauge).
+    pub uplink_backlog_full: AtomicI64,
+    /// Unpublished frames dropped by the `drop-oldest` policy (they stay in the store).
+    pub uplink_dropped: AtomicU64,
     /// Outbox rows that did not decode and were skipped.
     pub uplink_skipped: AtomicU64,
     /// 1 while connected to the MQTT broker.

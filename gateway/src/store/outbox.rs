@@ -6,13 +6,15 @@
 //! the smallest id left is the durable cursor. [`Backlog`] keeps the unpublished size in
 //! memory and applies the disk budget's policy (slow the devices, or drop the oldest).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use sqlx::{SqliteConnection, SqlitePool};
 use tokio::sync::Notify;
 
 use super::StoreError;
 use crate::config::BacklogPolicy;
+use crate::metrics::Metrics;
 
 /// What an outbox row holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,10 +73,8 @@ pub struct Backlog {
     bytes: AtomicU64,
     budget: u64,
     policy: BacklogPolicy,
-    /// Frames dropped unpublished by the `drop-oldest` policy.
-    pub dropped_frames: AtomicU64,
-    /// Raised while the backlog is at its budget (for logs and metrics).
-    pub full: AtomicBool,
+    /// Where the gauges and the dropped count show.
+    metrics: Arc<Metrics>,
     /// Notified when rows are added (the bridge waits on it).
     pub added: Notify,
     /// Notified when rows are removed (the writer waits on it under `slow`).
@@ -87,18 +87,21 @@ impl Backlog {
         pool: &SqlitePool,
         budget: u64,
         policy: BacklogPolicy,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
         let bytes: i64 = sqlx::query_scalar(&format!(
             "SELECT COALESCE(SUM({ROW_COST_SQL}), 0) FROM outbox"
         ))
         .fetch_one(pool)
         .await?;
+        metrics
+            .uplink_backlog_bytes
+            .store(bytes.max(0), Ordering::Relaxed);
         Ok(Self {
             bytes: AtomicU64::new(bytes.max(0) as u64),
             budget,
             policy,
-            dropped_frames: AtomicU64::new(0),
-            full: AtomicBool::new(false),
+            metrics,
             added: Notify::new(),
             freed: Notify::new(),
         })
@@ -126,18 +129,39 @@ impl Backlog {
 
     /// Rows worth `bytes` were committed.
     pub fn added(&self, bytes: u64) {
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.metrics
+            .uplink_backlog_bytes
+            .store(now as i64, Ordering::Relaxed);
         self.added.notify_one();
     }
 
     /// Rows worth `bytes` were deleted.
     pub fn removed(&self, bytes: u64) {
-        let _ = self
+        let before = self
             .bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
                 Some(b.saturating_sub(bytes))
-            });
+            })
+            .unwrap_or(0);
+        self.metrics
+            .uplink_backlog_bytes
+            .store(before.saturating_sub(bytes) as i64, Ordering::Relaxed);
         self.freed.notify_waiters();
+    }
+
+    /// `frames` unpublished rows were dropped by the `drop-oldest` policy.
+    pub fn dropped(&self, frames: u64) {
+        self.metrics
+            .uplink_dropped
+            .fetch_add(frames, Ordering::Relaxed);
+    }
+
+    /// Marks whether the budget's policy is in force.
+    pub fn set_full(&self, full: bool) {
+        self.metrics
+            .uplink_backlog_full
+            .store(i64::from(full), Ordering::Relaxed);
     }
 }
 

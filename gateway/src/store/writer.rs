@@ -16,7 +16,6 @@
 //! budget, the writer either stops taking frames until the bridge frees space (`slow`) or
 //! drops the oldest unpublished outbox rows after each commit (`drop-oldest`).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use sqlx::sqlite::SqliteConnection;
@@ -159,34 +158,38 @@ impl Writer {
     }
 
     /// `slow` policy: while the backlog is over budget, take no frames (sessions block, so
-    /// devices slow down) until the bridge frees space.
+    /// devices slow down) until the bridge has brought it under three quarters of the budget
+    /// (hysteresis, so a sustained load does not flap at the edge).
     async fn wait_for_backlog_room(&self) {
         let Some(backlog) = &self.backlog else { return };
         if backlog.policy() != BacklogPolicy::Slow || !backlog.over_budget() {
             return;
         }
-        backlog.full.store(true, Ordering::Relaxed);
+        backlog.set_full(true);
         tracing::warn!(
             backlog_bytes = backlog.bytes(),
             budget = backlog.budget(),
             "uplink backlog reached its budget: slowing devices until the broker catches up"
         );
-        while backlog.over_budget() {
+        let resume = backlog.budget() / 4 * 3;
+        while backlog.bytes() > resume {
             let freed = backlog.freed.notified();
-            if !backlog.over_budget() {
+            if backlog.bytes() <= resume {
                 break;
             }
             // Also re-check now and then in case a notification raced the check above.
             let _ = tokio::time::timeout(std::time::Duration::from_millis(500), freed).await;
         }
-        backlog.full.store(false, Ordering::Relaxed);
+        backlog.set_full(false);
         tracing::info!(
             backlog_bytes = backlog.bytes(),
             "uplink backlog under budget again: devices resume"
         );
     }
 
-    /// `drop-oldest` policy: delete the oldest unpublished rows until under budget.
+    /// `drop-oldest` policy: past the budget, delete the oldest unpublished rows down to
+    /// three quarters of it. The episode ends (and is logged) once the bridge has brought the
+    /// backlog under half the budget.
     async fn drop_oldest_if_over_budget(&mut self) {
         let Some(backlog) = self.backlog.clone() else {
             return;
@@ -194,33 +197,34 @@ impl Writer {
         if backlog.policy() != BacklogPolicy::DropOldest {
             return;
         }
+        if self.dropping && backlog.bytes() < backlog.budget() / 2 {
+            self.dropping = false;
+            backlog.set_full(false);
+            tracing::info!(
+                dropped_total = Metrics::get(&self.metrics.uplink_dropped),
+                "uplink backlog under budget again: no longer dropping"
+            );
+        }
         if !backlog.over_budget() {
-            if self.dropping {
-                self.dropping = false;
-                backlog.full.store(false, Ordering::Relaxed);
-                tracing::info!(
-                    dropped_total = backlog.dropped_frames.load(Ordering::Relaxed),
-                    "uplink backlog under budget again: no longer dropping"
-                );
-            }
             return;
         }
         if !self.dropping {
             self.dropping = true;
-            backlog.full.store(true, Ordering::Relaxed);
+            backlog.set_full(true);
             tracing::warn!(
                 budget = backlog.budget(),
                 "uplink backlog reached its budget: dropping the oldest unpublished frames (they stay in the store)"
             );
         }
-        while backlog.over_budget() {
+        let target = backlog.budget() / 4 * 3;
+        while backlog.bytes() > target {
             // Drop a slice of rows sized from the excess; the exact cost comes back.
-            let excess = backlog.bytes() - backlog.budget() + 1;
-            let n = (excess / 64).clamp(16, 10_000) as i64;
+            let excess = backlog.bytes() - target;
+            let n = (excess / 128).clamp(16, 10_000) as i64;
             match outbox::drop_oldest(self.batcher.conn(), n).await {
                 Ok((0, _)) => break,
                 Ok((rows, bytes)) => {
-                    backlog.dropped_frames.fetch_add(rows, Ordering::Relaxed);
+                    backlog.dropped(rows);
                     backlog.removed(bytes);
                 }
                 Err(e) => {

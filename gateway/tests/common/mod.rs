@@ -2,6 +2,8 @@
 //! the store check every fleet test ends with.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod mqtt;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -269,6 +271,7 @@ impl GatewayProcess {
             } else {
                 extra
             })
+            .args(["--gateway-id", "test-gw"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
