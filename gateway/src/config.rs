@@ -558,6 +558,23 @@ mod tests {
         );
         assert_eq!(config.session.idle_timeout, defaults.session.idle_timeout);
         assert_eq!(config.shutdown.timeout, defaults.shutdown.timeout);
+        assert_eq!(config.mqtt.url, defaults.mqtt.url);
+        assert_eq!(config.mqtt.inflight, defaults.mqtt.inflight);
+        assert_eq!(config.mqtt.topics.telemetry, defaults.mqtt.topics.telemetry);
+        assert_eq!(
+            config.mqtt.topics.command_results,
+            defaults.mqtt.topics.command_results
+        );
+        assert_eq!(
+            config.mqtt.backlog.max_bytes,
+            defaults.mqtt.backlog.max_bytes
+        );
+        assert_eq!(
+            config.mqtt.backlog.when_full,
+            defaults.mqtt.backlog.when_full
+        );
+        assert_eq!(config.mqtt.embedded.listen, defaults.mqtt.embedded.listen);
+        assert_eq!(config.mqtt.reconnect_max, defaults.mqtt.reconnect_max);
     }
 
     #[test]

@@ -171,7 +171,17 @@ pub async fn read_after(
     after: i64,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, StoreError> {
-    let rows: Vec<(i64, i64, String, i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct Stored {
+        id: i64,
+        kind: i64,
+        device_id: String,
+        epoch: i64,
+        seq: i64,
+        received_ms: i64,
+        body: Vec<u8>,
+    }
+    let rows: Vec<Stored> = sqlx::query_as(
         "SELECT id, kind, device_id, epoch, seq, received_ms, body FROM outbox
          WHERE id > ? ORDER BY id LIMIT ?",
     )
@@ -181,15 +191,15 @@ pub async fn read_after(
     .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(id, kind, device_id, epoch, seq, received_ms, body)| {
+        .filter_map(|r| {
             Some(OutboxRow {
-                id,
-                kind: Kind::from_i64(kind)?,
-                device_id,
-                epoch,
-                seq,
-                received_ms,
-                body,
+                id: r.id,
+                kind: Kind::from_i64(r.kind)?,
+                device_id: r.device_id,
+                epoch: r.epoch,
+                seq: r.seq,
+                received_ms: r.received_ms,
+                body: r.body,
             })
         })
         .collect())
