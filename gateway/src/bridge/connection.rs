@@ -89,9 +89,14 @@ pub async fn run(
                         ctx.metrics.inc(&ctx.metrics.mqtt_connects);
                         info!(%broker, "connected to the MQTT broker");
                         let start_after = lock(&tracker).watermark();
-                        publisher = Some(tokio::spawn(publish(
+                        let publisher_task = publish(
                             ctx.clone(), client.clone(), tracker.clone(), status_rx.clone(), watermark_tx.clone(), start_after,
-                        )));
+                        );
+                        publisher = Some(tokio::spawn(async move {
+                            if let Err(e) = publisher_task.await {
+                                debug!(error = %e, "publisher stopped");
+                            }
+                        }));
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(w) = lock(&tracker).on_outgoing(pkid) {
@@ -319,21 +324,9 @@ impl Publisher {
     }
 }
 
-/// The publisher of one connection: subscriptions, status, then the outbox from `start_after`.
+/// The publisher of one connection: subscriptions, status, then the outbox from
+/// `start_after`. Ends when the client's event loop is gone (the connection dropped).
 async fn publish(
-    ctx: Arc<Context>,
-    client: AsyncClient,
-    tracker: SharedTracker,
-    status_rx: StatusRx,
-    watermark: watch::Sender<i64>,
-    start_after: i64,
-) {
-    if let Err(e) = publish_inner(ctx, client, tracker, status_rx, watermark, start_after).await {
-        debug!(error = %e, "publisher stopped");
-    }
-}
-
-async fn publish_inner(
     ctx: Arc<Context>,
     client: AsyncClient,
     tracker: SharedTracker,
