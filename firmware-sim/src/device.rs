@@ -384,6 +384,9 @@ impl Device {
             _ => return LinkEnd::Lost,
         };
         *backoff = Duration::from_millis(100);
+        self.stats
+            .hello_acks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !self.spec.faults.ignore_hello_ack {
             self.acked(last_seq);
         }

@@ -85,7 +85,11 @@ impl FleetConfig {
 
 /// Runs the fleet to the end of its drain period and reports.
 pub async fn run_fleet(config: FleetConfig) -> Report {
-    let stats = Arc::new(FleetStats::default());
+    run_fleet_with(config, Arc::new(FleetStats::default())).await
+}
+
+/// [`run_fleet`], updating `stats` as it goes so a caller can watch the run.
+pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Report {
     let start = Instant::now();
     let epoch = config.epoch.unwrap_or_else(|| {
         std::time::SystemTime::now()

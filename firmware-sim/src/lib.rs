@@ -4,6 +4,7 @@
 //!
 //! The gateway's tests use it as a dev-dependency; the `firmware-sim` binary is a thin CLI.
 
+pub mod bench;
 pub mod device;
 pub mod fleet;
 pub mod report;

@@ -22,6 +22,35 @@ struct Cli {
 enum Command {
     /// Run a fleet of identical devices over TCP.
     Run(RunArgs),
+    /// Measure the gateway against this machine's own limits (see BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Scenarios to run (default: all): ingest, latency, uplink, replay, connections, cold-start.
+    scenarios: Vec<String>,
+    /// The gateway binary, built with --release.
+    #[arg(long, default_value = "target/release/gateway")]
+    gateway_bin: std::path::PathBuf,
+    /// Seconds each load runs.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    /// Devices in the ingest, latency, uplink and replay fleets.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Idle devices in `connections`.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Seconds of ingest with the broker down, in `replay`.
+    #[arg(long, default_value_t = 60.0)]
+    replay_outage: f64,
+    /// Readings in the store for `cold-start`.
+    #[arg(long, default_value_t = 10_000_000)]
+    cold_start_readings: u64,
+    /// Print one JSON object per scenario per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -87,7 +116,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Bench(args) => return bench(args),
+    };
     let config = match (
         seconds("duration", args.duration),
         seconds("drain", args.drain),
@@ -150,5 +182,48 @@ fn main() -> ExitCode {
             report.unacked_frames, report.devices_refused
         );
         ExitCode::FAILURE
+    }
+}
+
+fn bench(args: BenchArgs) -> ExitCode {
+    let options = firmware_sim::bench::BenchOptions {
+        gateway_bin: args.gateway_bin,
+        seconds: args.seconds.max(0.5),
+        devices: args.devices.max(1),
+        connections: args.connections.max(1),
+        replay_outage: args.replay_outage.max(0.5),
+        cold_start_readings: args.cold_start_readings,
+        ..Default::default()
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("firmware-sim: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = args.json;
+    let result = runtime.block_on(firmware_sim::bench::run(&args.scenarios, &options, |o| {
+        if json {
+            println!("{}", serde_json::to_string(o).unwrap_or_default());
+        } else {
+            eprintln!("{}: done", o.scenario);
+        }
+    }));
+    match result {
+        Ok(outcomes) => {
+            if !json {
+                print!("{}", firmware_sim::bench::table(&outcomes));
+            }
+            if outcomes.iter().any(|o| o.unacked_frames > 0) {
+                eprintln!("firmware-sim: frames were left unacknowledged");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("firmware-sim: bench: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -14,6 +14,10 @@ use crate::device::DeviceOutcome;
 
 /// Counters shared by all devices of a fleet.
 pub struct FleetStats {
+    /// Links that got their HelloAck (live; for connect-storm timing).
+    pub hello_acks: AtomicU64,
+    /// Data frames acknowledged so far (live).
+    pub frames_acked: AtomicU64,
     frames_sent: AtomicU64,
     frames_resent: AtomicU64,
     reconnects: AtomicU64,
@@ -25,6 +29,8 @@ pub struct FleetStats {
 impl Default for FleetStats {
     fn default() -> Self {
         Self {
+            hello_acks: AtomicU64::new(0),
+            frames_acked: AtomicU64::new(0),
             frames_sent: AtomicU64::new(0),
             frames_resent: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -56,6 +62,8 @@ impl FleetStats {
         if latencies.is_empty() {
             return;
         }
+        self.frames_acked
+            .fetch_add(latencies.len() as u64, Ordering::Relaxed);
         let mut h = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
         for l in latencies {
             h.saturating_record(l.as_micros().clamp(1, u64::MAX as u128) as u64);
@@ -160,6 +168,11 @@ impl Report {
             readings_per_s: readings_acked as f64 / producing.as_secs_f64().max(1e-9),
             outcomes,
         }
+    }
+
+    /// Average readings per acknowledged frame.
+    pub fn readings_per_frame(&self) -> f64 {
+        self.readings_acked as f64 / self.frames_acked.max(1) as f64
     }
 
     /// Whether every frame sent was acknowledged and no device was refused.

@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod bridge;
 pub mod broker;
+pub mod ceiling;
 pub mod config;
 pub mod link;
 pub mod metrics;

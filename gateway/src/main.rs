@@ -45,6 +45,25 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:1883")]
         listen: SocketAddr,
     },
+    /// Measure the SQLite insert ceiling of this schema on this disk (used by
+    /// `firmware-sim bench`); prints one JSON object.
+    #[command(hide = true)]
+    BenchStore {
+        /// A fresh SQLite file to create.
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        devices: u32,
+        #[arg(long, default_value_t = 8)]
+        readings: u32,
+        #[arg(long, default_value_t = 200_000)]
+        frames: u64,
+        #[arg(long, default_value_t = 1000)]
+        batch_frames: u64,
+        /// Store durability: process-crash or power-loss.
+        #[arg(long, default_value = "process-crash")]
+        durability: String,
+    },
     /// Provision, list and revoke devices.
     Devices {
         #[command(subcommand)]
@@ -120,6 +139,32 @@ fn main() -> std::process::ExitCode {
             Command::Run(args) => run(args).await,
             Command::Devices { command, common } => devices_cmd(command, common).await,
             Command::Broker { listen } => broker_cmd(listen).await,
+            Command::BenchStore {
+                db,
+                devices,
+                readings,
+                frames,
+                batch_frames,
+                durability,
+            } => {
+                let durability = match durability.as_str() {
+                    "process-crash" => gateway::config::Durability::ProcessCrash,
+                    "power-loss" => gateway::config::Durability::PowerLoss,
+                    other => anyhow::bail!(
+                        "--durability {other:?}: expected process-crash or power-loss"
+                    ),
+                };
+                let params = gateway::ceiling::CeilingParams {
+                    devices,
+                    readings,
+                    frames,
+                    batch_frames,
+                    durability,
+                };
+                let ceiling = gateway::ceiling::measure(&db, &params).await?;
+                println!("{}", serde_json::to_string(&ceiling)?);
+                Ok(())
+            }
         }
     });
     match result {
