@@ -1,0 +1,76 @@
+//! The bench never rots: every scenario runs for a second or two with a tiny fleet against
+//! the gateway binary, and must produce its figures and lose nothing. How fast is never
+//! asserted.
+
+use firmware_sim::bench::{self, BenchOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bench_scenario_produces_figures_and_loses_nothing() {
+    let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    if !mosquitto {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mosquitto is not installed, and CI is set"
+        );
+        eprintln!("SKIPPED uplink and replay: mosquitto is not installed");
+    }
+    let options = BenchOptions {
+        gateway_bin: env!("CARGO_BIN_EXE_gateway").into(),
+        seconds: 1.0,
+        devices: 10,
+        connections: 200,
+        replay_outage: 1.0,
+        cold_start_readings: 20_000,
+        ..BenchOptions::default()
+    };
+    let names: Vec<String> = bench::SCENARIOS
+        .iter()
+        .filter(|s| mosquitto || !matches!(**s, "uplink" | "replay"))
+        .map(|s| s.to_string())
+        .collect();
+    let outcomes = bench::run(&names, &options, |_| {})
+        .await
+        .expect("bench runs");
+    assert_eq!(outcomes.len(), names.len());
+    for o in &outcomes {
+        assert_eq!(o.unacked_frames, 0, "{}: nothing lost", o.scenario);
+        assert!(
+            o.ceiling > 0.0,
+            "{}: a ceiling or budget to compare with",
+            o.scenario
+        );
+        assert!(!o.target.is_empty());
+        let json = serde_json::to_value(o).unwrap();
+        for key in ["scenario", "readings_per_s", "ceiling", "ratio", "target"] {
+            assert!(json.get(key).is_some(), "{}: JSON has {key}", o.scenario);
+        }
+        match o.scenario.as_str() {
+            "ingest" | "latency" | "uplink" | "replay" => {
+                assert!(o.readings_per_s > 0.0, "{}: readings flowed", o.scenario);
+                assert!(
+                    o.p99_ms > 0.0 && o.cpu_s > 0.0 && o.peak_rss_kib > 0,
+                    "{}: {o:?}",
+                    o.scenario
+                );
+            }
+            "connections" => {
+                assert_eq!(o.extra["connections"], 200);
+                assert!(
+                    o.extra["all_connected_s"].is_number(),
+                    "every idle device connected: {o:?}"
+                );
+            }
+            "cold-start" => assert!(o.extra["startup_s_median_of_3"].as_f64().unwrap() > 0.0),
+            other => panic!("unexpected scenario {other}"),
+        }
+    }
+    let uplink = outcomes.iter().find(|o| o.scenario == "uplink");
+    if let Some(u) = uplink {
+        assert_eq!(
+            u.extra["backlog_after_drain"], 0,
+            "the bridge caught up: {u:?}"
+        );
+    }
+}
