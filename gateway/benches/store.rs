@@ -50,13 +50,13 @@ fn store(c: &mut Criterion) {
     for frames in [64usize, 512, 2048] {
         for uplink in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let mut store = rt
+            let store = rt
                 .block_on(Store::open(
                     &dir.path().join("b.db"),
                     Durability::ProcessCrash,
                 ))
                 .unwrap();
-            let mut batcher = Batcher::new(store.take_writer_conn().unwrap(), uplink);
+            let mut batcher = Batcher::new(store.writer_connection().unwrap(), uplink);
             let mut seq = 1u64;
             g.throughput(Throughput::Elements((frames * 8) as u64));
             let name = format!(
@@ -70,7 +70,7 @@ fn store(c: &mut Criterion) {
                         seq += (frames / devices.len()).max(1) as u64 + 1;
                         frames_batch
                     },
-                    |frames_batch| rt.block_on(batcher.commit(&frames_batch)).unwrap(),
+                    |frames_batch| batcher.commit(&frames_batch).unwrap(),
                     BatchSize::LargeInput,
                 )
             });

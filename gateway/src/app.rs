@@ -44,12 +44,12 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         metrics,
     } = inputs;
     let db_path = config.db_path();
-    let mut store = Store::open(&db_path, config.store.durability)
+    let store = Store::open(&db_path, config.store.durability)
         .await
         .with_context(|| format!("opening the store {}", db_path.display()))?;
     let writer_conn = store
-        .take_writer_conn()
-        .context("the store's writer connection was already taken")?;
+        .writer_connection()
+        .context("opening the store writer's connection")?;
     let registry = Arc::new(Registry::default());
     // The bridge outlives the sessions and the writer on shutdown, so it stops on its own
     // token.

@@ -64,15 +64,8 @@ pub async fn measure(path: &Path, p: &CeilingParams) -> Result<Ceiling, CeilingE
 }
 
 fn insert(path: &Path, p: &CeilingParams) -> Result<Ceiling, CeilingError> {
-    let mut conn = rusqlite::Connection::open(path)?;
-    let synchronous = match p.durability {
-        Durability::ProcessCrash => "NORMAL",
-        Durability::PowerLoss => "FULL",
-    };
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};
-         PRAGMA cache_size = -65536; PRAGMA mmap_size = 268435456; PRAGMA wal_autocheckpoint = 10000;"
-    ))?;
+    // The same connection settings as the store writer's.
+    let mut conn = crate::store::batch::open_connection(path, p.durability)?;
     // Interned keys, as the gateway's writer would have them.
     let (devices, readings) = (p.devices.max(1) as i64, p.readings.max(1) as i64);
     let tx = conn.transaction()?;

@@ -17,8 +17,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::ConnectOptions;
 
@@ -38,6 +37,12 @@ pub enum StoreError {
     /// SQLite refused an operation.
     #[error("sqlite: {0}")]
     Sqlite(#[from] sqlx::Error),
+    /// SQLite refused an operation on the writer's connection.
+    #[error("sqlite: {0}")]
+    Rusqlite(#[from] rusqlite::Error),
+    /// A frame could not be re-encoded for the outbox.
+    #[error("encoding a frame for the outbox: {0}")]
+    Encode(String),
     /// A migration failed.
     #[error("applying migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -51,13 +56,33 @@ pub enum StoreError {
     },
 }
 
-/// An opened store: the writer's dedicated connection (until [`Store::take_writer_conn`])
-/// and a pool for everything else.
+/// An opened store: a pool for reads and administration; the writer opens a connection of
+/// its own ([`Store::writer_connection`]).
 pub struct Store {
     pool: SqlitePool,
-    writer_conn: Option<SqliteConnection>,
     path: PathBuf,
+    durability: Durability,
 }
+
+/// Page cache, mmap and checkpoint settings of every connection, as (pragma, value).
+/// Inserts spread over every (device, sensor) series touch many leaf pages per commit: keep
+/// them cached instead of re-reading them, read through mmap, and let the WAL grow to ~40 MB
+/// between checkpoints so a hot page is copied back once per checkpoint rather than once per
+/// commit.
+pub const PRAGMAS: &[(&str, &str)] = &[
+    ("cache_size", "-65536"),
+    ("mmap_size", "268435456"),
+    ("wal_autocheckpoint", "10000"),
+];
+
+/// [`PRAGMAS`] as SQL, with WAL on.
+pub static STORE_PRAGMAS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut sql = String::from("PRAGMA journal_mode = WAL;");
+    for (name, value) in PRAGMAS {
+        sql.push_str(&format!(" PRAGMA {name} = {value};"));
+    }
+    sql
+});
 
 /// Milliseconds since the Unix epoch, by the gateway's clock.
 pub fn now_ms() -> i64 {
@@ -75,22 +100,18 @@ fn connect_options(
         Durability::ProcessCrash => SqliteSynchronous::Normal,
         Durability::PowerLoss => SqliteSynchronous::Full,
     };
-    Ok(SqliteConnectOptions::from_str("sqlite:")?
+    let options = SqliteConnectOptions::from_str("sqlite:")?
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(synchronous)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(false)
-        // Inserts spread over every (device, sensor) series touch many leaf pages per
-        // commit: keep them cached instead of re-reading them, read through mmap, and let
-        // the WAL grow to ~40 MB between checkpoints so a hot page is copied back once per
-        // checkpoint rather than once per commit.
-        .pragma("cache_size", "-65536")
-        .pragma("mmap_size", "268435456")
-        .pragma("wal_autocheckpoint", "10000")
         // Per-statement logging would be per batch at info level; keep it out of the way.
-        .log_statements(tracing::log::LevelFilter::Trace))
+        .log_statements(tracing::log::LevelFilter::Trace);
+    Ok(PRAGMAS
+        .iter()
+        .fold(options, |o, (name, value)| o.pragma(*name, *value)))
 }
 
 impl Store {
@@ -108,11 +129,10 @@ impl Store {
             .connect_with(options.clone())
             .await?;
         migrate(&pool, path).await?;
-        let writer_conn = options.connect().await?;
         Ok(Self {
             pool,
-            writer_conn: Some(writer_conn),
             path: path.to_path_buf(),
+            durability,
         })
     }
 
@@ -126,9 +146,9 @@ impl Store {
         &self.path
     }
 
-    /// Hands the dedicated writer connection over (once).
-    pub fn take_writer_conn(&mut self) -> Option<SqliteConnection> {
-        self.writer_conn.take()
+    /// A connection of its own for the store writer.
+    pub fn writer_connection(&self) -> Result<rusqlite::Connection, StoreError> {
+        batch::open_connection(&self.path, self.durability)
     }
 
     /// Total readings stored (for start-up and shutdown logs).

@@ -64,7 +64,7 @@ pub fn row_cost(device_id: &str, body_len: usize) -> u64 {
 }
 
 /// SQL for a row's cost, matching [`row_cost`].
-const ROW_COST_SQL: &str = "length(body) + length(device_id) + 40";
+pub(crate) const ROW_COST_SQL: &str = "length(body) + length(device_id) + 40";
 
 /// The unpublished backlog: its size against the budget, and the signals between the
 /// writer (adds) and the bridge (removes).
@@ -229,20 +229,6 @@ pub async fn delete_upto(pool: &SqlitePool, upto: i64) -> Result<(u64, u64), Sto
     ))
     .bind(upto)
     .fetch_all(pool)
-    .await?;
-    Ok((
-        costs.len() as u64,
-        costs.iter().map(|&c| c.max(0) as u64).sum(),
-    ))
-}
-
-/// Deletes the oldest `n` rows (the `drop-oldest` policy); returns (rows, cost).
-pub async fn drop_oldest(conn: &mut SqliteConnection, n: i64) -> Result<(u64, u64), StoreError> {
-    let costs: Vec<i64> = sqlx::query_scalar(&format!(
-        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?) RETURNING {ROW_COST_SQL}"
-    ))
-    .bind(n)
-    .fetch_all(conn)
     .await?;
     Ok((
         costs.len() as u64,

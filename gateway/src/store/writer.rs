@@ -18,11 +18,10 @@
 
 use std::sync::Arc;
 
-use sqlx::sqlite::SqliteConnection;
 use tokio::sync::{mpsc, watch};
 
 use super::batch::Batcher;
-use super::outbox::{self, Backlog};
+use super::outbox::Backlog;
 use crate::config::BacklogPolicy;
 use crate::metrics::Metrics;
 
@@ -86,11 +85,11 @@ impl WriterHandle {
 #[error("the store writer has stopped")]
 pub struct WriterStopped;
 
-/// Starts the writer on `conn`. With `backlog`, frames are also queued in the outbox for the
-/// MQTT bridge. It runs until every [`WriterHandle`] is dropped, then commits what is queued
-/// and returns.
+/// Starts the writer on `conn`, on a blocking thread of its own (its SQLite calls are
+/// synchronous). With `backlog`, frames are also queued in the outbox for the MQTT bridge. It
+/// runs until every [`WriterHandle`] is dropped, then commits what is queued and returns.
 pub fn spawn(
-    conn: SqliteConnection,
+    conn: rusqlite::Connection,
     queue_frames: usize,
     batch_max_frames: usize,
     backlog: Option<Arc<Backlog>>,
@@ -103,7 +102,9 @@ pub fn spawn(
         metrics,
         dropping: false,
     };
-    let task = tokio::spawn(writer.run(rx, batch_max_frames));
+    let runtime = tokio::runtime::Handle::current();
+    let task =
+        tokio::task::spawn_blocking(move || runtime.block_on(writer.run(rx, batch_max_frames)));
     (WriterHandle { tx }, task)
 }
 
@@ -123,7 +124,7 @@ impl Writer {
             if rx.recv_many(&mut batch, batch_max_frames).await == 0 {
                 break;
             }
-            match self.batcher.commit(&batch).await {
+            match self.batcher.commit(&batch) {
                 Ok(stored) => {
                     self.metrics
                         .record_batch(batch.len() as u64, stored.frames, stored.readings);
@@ -139,7 +140,7 @@ impl Writer {
                             raise
                         });
                     }
-                    self.drop_oldest_if_over_budget().await;
+                    self.drop_oldest_if_over_budget();
                 }
                 Err(e) => {
                     // Nothing of this batch was acknowledged; its devices resend after
@@ -190,7 +191,7 @@ impl Writer {
     /// `drop-oldest` policy: past the budget, delete the oldest unpublished rows down to
     /// three quarters of it. The episode ends (and is logged) once the bridge has brought the
     /// backlog under half the budget.
-    async fn drop_oldest_if_over_budget(&mut self) {
+    fn drop_oldest_if_over_budget(&mut self) {
         let Some(backlog) = self.backlog.clone() else {
             return;
         };
@@ -221,7 +222,7 @@ impl Writer {
             // Drop a slice of rows sized from the excess; the exact cost comes back.
             let excess = backlog.bytes() - target;
             let n = (excess / 128).clamp(16, 10_000) as i64;
-            match outbox::drop_oldest(self.batcher.conn(), n).await {
+            match self.batcher.drop_oldest(n) {
                 Ok((0, _)) => break,
                 Ok((rows, bytes)) => {
                     backlog.dropped(rows);
