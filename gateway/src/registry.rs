@@ -21,7 +21,8 @@ struct Entry {
     conn: u64,
     link: &'static str,
     superseded: CancellationToken,
-    commands: mpsc::Sender<Command>,
+    /// Boxed: the channel allocates its first block of slots up front, per link.
+    commands: mpsc::Sender<Box<Command>>,
 }
 
 /// Device id to current link.
@@ -38,7 +39,7 @@ pub struct Registration {
     /// Cancelled when a newer link of the same device registers.
     pub superseded: CancellationToken,
     /// Commands routed to this link while it is current.
-    pub commands: mpsc::Receiver<Command>,
+    pub commands: mpsc::Receiver<Box<Command>>,
 }
 
 impl Registry {
@@ -83,7 +84,7 @@ impl Registry {
     pub fn send_command(&self, device: &str, command: Command) -> bool {
         self.lock()
             .get(device)
-            .is_some_and(|e| e.commands.try_send(command).is_ok())
+            .is_some_and(|e| e.commands.try_send(Box::new(command)).is_ok())
     }
 
     /// Devices with a link now, and the link kind.

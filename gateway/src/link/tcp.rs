@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use proto::v1::DeviceMessage;
 use proto::DelimitedCodec;
 use tokio::net::TcpListener;
@@ -15,6 +16,11 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::session::{task, Shared};
+
+/// Initial read buffer of a link, bytes: several typical frames per read.
+const READ_BUFFER: usize = 2048;
+/// Initial write buffer of a link, bytes: acks and pongs are a few bytes each.
+const WRITE_BUFFER: usize = 256;
 
 /// Accepts devices on `listener` until `shutdown`; returns the sessions still running.
 pub async fn accept_loop(
@@ -35,7 +41,11 @@ pub async fn accept_loop(
                     accept_errors_logged = false;
                     shared.metrics.inc(&shared.metrics.connections_accepted);
                     let _ = stream.set_nodelay(true);
-                    let link = Framed::new(stream, DelimitedCodec::<DeviceMessage>::new(max_frame_bytes));
+                    let mut link = Framed::new(stream, DelimitedCodec::<DeviceMessage>::new(max_frame_bytes));
+                    // tokio-util starts each buffer at 8 KiB; most links are idle or send small
+                    // frames, so start small (they grow for large frames). 16 KiB -> ~2 KiB a link.
+                    *link.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER);
+                    *link.write_buffer_mut() = BytesMut::with_capacity(WRITE_BUFFER);
                     sessions.spawn(task::run(shared.clone(), link, "tcp", format!("tcp {peer}"), shutdown.clone()));
                 }
                 Err(e) => {

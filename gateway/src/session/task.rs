@@ -295,7 +295,7 @@ impl Session<'_> {
                     }
                 }
                 Some(command) = registration.commands.recv() => {
-                    if let Err(closed) = self.deliver(link, &device, command).await {
+                    if let Err(closed) = self.deliver(link, &device, *command).await {
                         return closed;
                     }
                 }
