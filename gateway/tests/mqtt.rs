@@ -265,13 +265,18 @@ async fn commands_reach_devices_and_every_outcome_is_published(kind: BrokerKind)
             t == topic && (p.as_slice() == b"online" || p.starts_with(br#"{"status":"online""#))
         })
     };
-    sub.wait_until(Duration::from_secs(15), |m| {
+    let ready = |m: &[(String, Vec<u8>)]| {
         online(m, "gateway/test-gw/status")
             && ["ok-00000", "fail-00000", "mute-00000"]
                 .iter()
                 .all(|d| online(m, &format!("gateway/test-gw/devices/{d}/status")))
-    })
-    .await;
+    };
+    let seen = sub.wait_until(Duration::from_secs(20), ready).await;
+    assert!(
+        ready(&seen),
+        "the gateway and its devices came online: {:?}",
+        seen.iter().map(|(t, _)| t).collect::<Vec<_>>()
+    );
 
     command(
         &sub,

@@ -131,7 +131,9 @@ pub async fn reject(
 /// Closes every open command past its deadline: `timeout` if it was written to its device,
 /// `expired` if it never was. Returns (commands closed, outbox bytes added).
 pub async fn close_overdue(pool: &SqlitePool, now_ms: i64) -> Result<(u64, u64), StoreError> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: it reads, then writes; a deferred transaction could not upgrade once the
+    // writer has committed in between (SQLITE_BUSY at once, no busy wait).
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let due: Vec<(i64, String, String, Option<i64>)> = sqlx::query_as(
         "SELECT c.id, d.device_id, c.command_id, c.sent_ms FROM commands c
          JOIN devices d ON d.id = c.device

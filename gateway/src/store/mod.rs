@@ -46,8 +46,8 @@ pub enum StoreError {
     /// A migration failed.
     #[error("applying migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// The migration lock file could not be taken.
-    #[error("locking {path} for migrations: {source}")]
+    /// The open lock file could not be taken.
+    #[error("locking {path} to open the store: {source}")]
     Lock {
         /// The lock file.
         path: PathBuf,
@@ -124,11 +124,13 @@ impl Store {
             })?;
         }
         let options = connect_options(path, durability)?;
+        let lock = lock_for_open(path).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.clone())
             .await?;
-        migrate(&pool, path).await?;
+        sqlx::migrate!("../migrations").run(&pool).await?;
+        drop(lock); // released: others may open the file now
         Ok(Self {
             pool,
             path: path.to_path_buf(),
@@ -159,10 +161,12 @@ impl Store {
     }
 }
 
-/// Applies `migrations/`, holding an exclusive lock on `<db>.lock` meanwhile: sqlx does not
-/// lock SQLite migrations, and two processes opening one file at once (the gateway starting
-/// while `gateway devices add` runs) would otherwise both try to apply them.
-async fn migrate(pool: &SqlitePool, db: &Path) -> Result<(), StoreError> {
+/// Holds an exclusive lock on `<db>.lock` while a store is opened: creating the file,
+/// switching it to WAL (which needs SQLite's exclusive lock and can fail at once with
+/// SQLITE_BUSY) and applying `migrations/` (sqlx does not lock SQLite migrations). Two
+/// processes opening one file at once (the gateway starting while `gateway devices add` runs)
+/// then take turns instead of failing.
+async fn lock_for_open(db: &Path) -> Result<std::fs::File, StoreError> {
     let mut lock_path = db.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
@@ -176,13 +180,10 @@ async fn migrate(pool: &SqlitePool, db: &Path) -> Result<(), StoreError> {
         .write(true)
         .open(&lock_path)
         .map_err(lock_err)?;
-    let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
         .await
         .map_err(|e| lock_err(std::io::Error::other(e)))?
-        .map_err(lock_err)?;
-    let result = sqlx::migrate!("../migrations").run(pool).await;
-    drop(file); // releases the lock
-    Ok(result?)
+        .map_err(lock_err)
 }
 
 /// A u64 from the wire as the SQLite integer with the same bits.
