@@ -46,6 +46,10 @@ pub struct Metrics {
     pub commands_received: AtomicU64,
     /// Command requests dropped because the command queue was full.
     pub commands_dropped: AtomicU64,
+    /// Serial frames dropped for bad COBS, bad CRC, size or decoding (not acknowledged).
+    pub serial_bad_frames: AtomicU64,
+    /// Serial frames skipped because an earlier frame was lost (not acknowledged).
+    pub serial_frames_skipped: AtomicU64,
     /// Links closed with an error frame, by `ErrorCode`.
     link_errors: [AtomicU64; ERROR_CODES],
 }

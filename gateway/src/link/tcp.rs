@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-use crate::session::{task, Shared};
+use crate::session::{task, LinkKind, Shared};
 
 /// Initial read buffer of a link, bytes: several typical frames per read.
 const READ_BUFFER: usize = 2048;
@@ -46,7 +46,7 @@ pub async fn accept_loop(
                     // frames, so start small (they grow for large frames). 16 KiB -> ~2 KiB a link.
                     *link.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER);
                     *link.write_buffer_mut() = BytesMut::with_capacity(WRITE_BUFFER);
-                    sessions.spawn(task::run(shared.clone(), link, "tcp", format!("tcp {peer}"), shutdown.clone()));
+                    sessions.spawn(task::run(shared.clone(), link, LinkKind::Tcp, format!("tcp {peer}"), shutdown.clone()));
                 }
                 Err(e) => {
                     if !accept_errors_logged {

@@ -15,6 +15,25 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::writer::WriterHandle;
 
+/// What kind of link a session runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// TCP: reliable and ordered; seqs may have gaps.
+    Tcp,
+    /// A serial line: frames can be lost to noise, so seqs must follow on without gaps.
+    Serial,
+}
+
+impl LinkKind {
+    /// The name in device status and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Tcp => "tcp",
+            LinkKind::Serial => "serial",
+        }
+    }
+}
+
 /// Timers of every session, from `[session]` and `[shutdown]`.
 #[derive(Debug, Clone)]
 pub struct Timers {

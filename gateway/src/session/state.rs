@@ -33,6 +33,12 @@ pub enum Step {
     Reply(GatewayMessage),
     /// Send an `Error` with this code and text, then close the link.
     Close(ErrorCode, String),
+    /// Serial links: a repeat of a frame already forwarded (the device missed its ack).
+    /// Re-acknowledge if it is durable; nothing to store.
+    Repeat(u64),
+    /// Serial links: a frame past a gap (an earlier frame was lost to line noise). Not stored
+    /// and not acknowledged, so the device resends from the missing one.
+    Skip(u64),
 }
 
 #[derive(Debug)]
@@ -51,6 +57,10 @@ enum State {
 #[derive(Debug)]
 pub struct SessionState {
     state: State,
+    /// Serial links drop corrupted frames, so a cumulative ack past a gap would tell the
+    /// device to forget a frame the gateway never got: there, data seqs must follow on
+    /// without gaps, repeats are re-acknowledged and frames past a gap are skipped.
+    contiguous: bool,
 }
 
 impl Default for SessionState {
@@ -89,10 +99,19 @@ fn check_timestamp(field: &str, ts: u64) -> Result<(), String> {
 }
 
 impl SessionState {
-    /// A link that has not said Hello yet.
+    /// A TCP link that has not said Hello yet: seqs must rise, gaps allowed.
     pub fn new() -> Self {
         Self {
             state: State::AwaitingHello,
+            contiguous: false,
+        }
+    }
+
+    /// A serial link that has not said Hello yet: see [`SessionState::contiguous`].
+    pub fn new_contiguous() -> Self {
+        Self {
+            state: State::AwaitingHello,
+            contiguous: true,
         }
     }
 
@@ -104,12 +123,13 @@ impl SessionState {
         }
     }
 
-    /// The task authenticated the Hello: data may flow.
-    pub fn activate(&mut self, device: Arc<str>, epoch: u64) {
+    /// The task authenticated the Hello: data may flow. `last_seq` is what HelloAck said is
+    /// stored (a serial link continues right after it).
+    pub fn activate(&mut self, device: Arc<str>, epoch: u64, last_seq: u64) {
         self.state = State::Active {
             device,
             epoch,
-            last_seq: 0,
+            last_seq: if self.contiguous { last_seq } else { 0 },
         };
     }
 
@@ -141,7 +161,7 @@ impl SessionState {
                 })),
             }),
             (State::Active { last_seq, .. }, Body::Telemetry(t)) => {
-                if let Err(step) = check_seq(msg.seq, last_seq) {
+                if let Err(step) = check_seq(msg.seq, last_seq, self.contiguous) {
                     return step;
                 }
                 for r in &t.readings {
@@ -158,7 +178,7 @@ impl SessionState {
                 }
             }
             (State::Active { last_seq, .. }, Body::CommandResult(r)) => {
-                if let Err(step) = check_seq(msg.seq, last_seq) {
+                if let Err(step) = check_seq(msg.seq, last_seq, self.contiguous) {
                     return step;
                 }
                 if let Err(e) = check_name("command_result.id", &r.id) {
@@ -171,7 +191,7 @@ impl SessionState {
                 }
             }
             (State::Active { last_seq, .. }, Body::Event(e)) => {
-                if let Err(step) = check_seq(msg.seq, last_seq) {
+                if let Err(step) = check_seq(msg.seq, last_seq, self.contiguous) {
                     return step;
                 }
                 if let Err(err) = check_name("event.kind", &e.kind)
@@ -189,13 +209,21 @@ impl SessionState {
     }
 }
 
-/// A data message's seq must be non-zero and above the previous one on this link.
-fn check_seq(seq: u64, last_seq: &u64) -> Result<(), Step> {
+/// A data message's seq must be non-zero and above the previous one on this link (on a
+/// contiguous link: exactly the next one; repeats and frames past a gap are not errors).
+fn check_seq(seq: u64, last_seq: &u64, contiguous: bool) -> Result<(), Step> {
     if seq == 0 {
         return Err(close(
             ErrorCode::InvalidSeq,
             "data messages need a seq of 1 or more",
         ));
+    }
+    if contiguous {
+        return match seq.cmp(&(*last_seq + 1)) {
+            std::cmp::Ordering::Less => Err(Step::Repeat(seq)),
+            std::cmp::Ordering::Equal => Ok(()),
+            std::cmp::Ordering::Greater => Err(Step::Skip(seq)),
+        };
     }
     if seq <= *last_seq {
         return Err(close(
@@ -243,7 +271,7 @@ mod tests {
             s.on_message(msg(0, hello("d1")), 0),
             Step::Authenticate(_)
         ));
-        s.activate(Arc::from("d1"), 7);
+        s.activate(Arc::from("d1"), 7, 0);
         s
     }
 
@@ -343,6 +371,42 @@ mod tests {
         ));
         assert_eq!(
             code(s.on_message(msg(9, telemetry("t", 0)), 0)),
+            ErrorCode::InvalidSeq
+        );
+    }
+
+    #[test]
+    fn a_contiguous_link_repeats_and_skips_instead_of_closing() {
+        let mut s = SessionState::new_contiguous();
+        assert!(matches!(
+            s.on_message(msg(0, hello("d1")), 0),
+            Step::Authenticate(_)
+        ));
+        s.activate(Arc::from("d1"), 7, 4); // HelloAck said 4 is stored
+        assert!(matches!(
+            s.on_message(msg(5, telemetry("t", 0)), 0),
+            Step::Store { seq: 5, .. }
+        ));
+        // 6 was lost to noise: 7 is past the gap.
+        assert!(matches!(
+            s.on_message(msg(7, telemetry("t", 0)), 0),
+            Step::Skip(7)
+        ));
+        // The device resends from 5 after its ack timeout.
+        assert!(matches!(
+            s.on_message(msg(5, telemetry("t", 0)), 0),
+            Step::Repeat(5)
+        ));
+        assert!(matches!(
+            s.on_message(msg(6, telemetry("t", 0)), 0),
+            Step::Store { seq: 6, .. }
+        ));
+        assert!(matches!(
+            s.on_message(msg(7, telemetry("t", 0)), 0),
+            Step::Store { seq: 7, .. }
+        ));
+        assert_eq!(
+            code(s.on_message(msg(0, telemetry("t", 0)), 0)),
             ErrorCode::InvalidSeq
         );
     }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::state::{SessionState, Step};
-use super::Shared;
+use super::{LinkKind, Shared};
 use crate::auth::AuthError;
 use crate::bridge::StatusChange;
 use crate::registry::Registration;
@@ -60,12 +60,12 @@ fn message(body: gateway_message::Body) -> GatewayMessage {
     GatewayMessage { body: Some(body) }
 }
 
-/// Runs one link to its end. `kind` is the link kind ("tcp", "serial") shown in device
-/// status; `peer` names it in logs ("tcp 127.0.0.1:5555").
+/// Runs one link to its end. `kind` decides the seq rules and shows in device status;
+/// `peer` names it in logs ("tcp 127.0.0.1:5555").
 pub async fn run<L>(
     shared: Arc<Shared>,
     mut link: L,
-    kind: &'static str,
+    kind: LinkKind,
     peer: String,
     shutdown: CancellationToken,
 ) where
@@ -77,8 +77,11 @@ pub async fn run<L>(
     let _enter = span.enter();
     let mut session = Session {
         shared: &shared,
-        kind,
-        state: SessionState::new(),
+        kind: kind.as_str(),
+        state: match kind {
+            LinkKind::Tcp => SessionState::new(),
+            LinkKind::Serial => SessionState::new_contiguous(),
+        },
         last_forwarded: 0,
         last_acked: 0,
     };
@@ -156,7 +159,7 @@ impl Session<'_> {
             Ok(Some(Ok(msg))) => match self.state.on_message(msg, now_ms() as u64) {
                 Step::Authenticate(hello) => hello,
                 Step::Close(code, reason) => return Closed::with(code, reason),
-                Step::Store { .. } | Step::Reply(_) => {
+                Step::Store { .. } | Step::Reply(_) | Step::Repeat(_) | Step::Skip(_) => {
                     return Closed::with(
                         ErrorCode::HelloRequired,
                         "the first message must be Hello",
@@ -184,7 +187,7 @@ impl Session<'_> {
         };
         let mut registration = self.shared.registry.register(&device, self.kind);
         self.report_status(&device, true, Some(hello.firmware_version.clone()));
-        self.state.activate(device.clone(), hello.epoch);
+        self.state.activate(device.clone(), hello.epoch, last_seq);
         self.shared
             .metrics
             .sessions_active
@@ -330,6 +333,19 @@ impl Session<'_> {
                             }
                         }
                         Step::Close(code, reason) => return Closed::with(code, reason),
+                        Step::Repeat(seq) => {
+                            // The device missed an ack: say again how far it is durable.
+                            if seq <= self.last_acked {
+                                let ack = message(gateway_message::Body::Ack(Ack { seq: self.last_acked }));
+                                if let Err(closed) = self.send(link, ack).await {
+                                    return closed;
+                                }
+                            }
+                        }
+                        Step::Skip(seq) => {
+                            self.shared.metrics.inc(&self.shared.metrics.serial_frames_skipped);
+                            debug!(seq, "frame past a gap skipped; the device resends from the missing one");
+                        }
                         Step::Authenticate(_) => {
                             return Closed::with(ErrorCode::UnexpectedHello, "this link already said Hello")
                         }
