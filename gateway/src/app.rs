@@ -16,7 +16,7 @@ use crate::auth::Authenticator;
 use crate::bridge;
 use crate::broker;
 use crate::config::{AuthMode, Config};
-use crate::link::tcp;
+use crate::link::{serial, tcp};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::session::{Shared, Timers};
@@ -120,6 +120,16 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     });
     let reporter = tokio::spawn(report_periodically(metrics.clone(), shutdown.clone()));
 
+    let mut ports = tokio::task::JoinSet::new();
+    for port in &config.serial {
+        ports.spawn(serial::run_port(
+            shared.clone(),
+            port.clone(),
+            config.tcp.max_frame_bytes,
+            shutdown.clone(),
+        ));
+    }
+
     let mut sessions = tcp::accept_loop(
         listener,
         shared.clone(),
@@ -136,15 +146,18 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
     let drained = timeout(shutdown_timeout, async {
         while sessions.join_next().await.is_some() {}
+        while ports.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
-            links = sessions.len(),
+            links = sessions.len() + ports.len(),
             "shutdown deadline reached; closing the remaining links"
         );
         sessions.abort_all();
+        ports.abort_all();
         while sessions.join_next().await.is_some() {}
+        while ports.join_next().await.is_some() {}
     }
     // The last handle to the writer goes with `shared`; the writer then commits what it holds.
     drop(shared);

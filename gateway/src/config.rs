@@ -47,6 +47,116 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// The MQTT bridge: uplink of stored data, device status, commands down.
     pub mqtt: MqttConfig,
+    /// Serial ports, one device session each (`[[serial]]`, any number).
+    pub serial: Vec<SerialPortConfig>,
+}
+
+/// Parity of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    /// No parity bit (default).
+    None,
+    /// Odd parity.
+    Odd,
+    /// Even parity.
+    Even,
+}
+
+/// Flow control of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    /// None (default).
+    None,
+    /// XON/XOFF.
+    Software,
+    /// RTS/CTS.
+    Hardware,
+}
+
+/// `[[serial]]`: one serial port carrying one device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialPortConfig {
+    /// The device node, e.g. `/dev/ttyUSB0`.
+    pub path: PathBuf,
+    /// Bits per second. Default 115200.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// 5, 6, 7 or 8. Default 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// `none` (default), `odd` or `even`.
+    #[serde(default = "default_parity")]
+    pub parity: Parity,
+    /// 1 or 2. Default 1.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// `none` (default), `software` or `hardware`.
+    #[serde(default = "default_flow_control")]
+    pub flow_control: FlowControl,
+    /// Bad frames in a row (bad COBS or CRC, oversize, undecodable) after which the link is
+    /// closed and the port reopened. Default 20; each bad frame alone is only dropped.
+    #[serde(default = "default_max_bad_frames")]
+    pub max_bad_frames: u32,
+    /// Longest wait between attempts to open a missing or unplugged port. Default 30s.
+    #[serde(default = "default_reopen_max", with = "humantime_serde")]
+    pub reopen_max: Duration,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_parity() -> Parity {
+    Parity::None
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_flow_control() -> FlowControl {
+    FlowControl::None
+}
+fn default_max_bad_frames() -> u32 {
+    20
+}
+fn default_reopen_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl SerialPortConfig {
+    /// A port at `path` with the defaults.
+    pub fn new(path: PathBuf, baud: u32) -> Self {
+        Self {
+            path,
+            baud,
+            data_bits: default_data_bits(),
+            parity: default_parity(),
+            stop_bits: default_stop_bits(),
+            flow_control: default_flow_control(),
+            max_bad_frames: default_max_bad_frames(),
+            reopen_max: default_reopen_max(),
+        }
+    }
+
+    /// Parses `PATH[@BAUD]` from the command line.
+    pub fn from_arg(arg: &str) -> Result<Self, String> {
+        let (path, baud) = match arg.rsplit_once('@') {
+            Some((path, baud)) => (
+                path,
+                baud.parse()
+                    .map_err(|_| format!("--serial {arg:?}: BAUD must be a number"))?,
+            ),
+            None => (arg, default_baud()),
+        };
+        if path.is_empty() {
+            return Err(format!("--serial {arg:?}: expected PATH[@BAUD]"));
+        }
+        Ok(Self::new(PathBuf::from(path), baud))
+    }
 }
 
 /// A directory path with a default.
@@ -520,6 +630,29 @@ impl Config {
         if self.auth.fleet_secret.as_deref() == Some("") {
             return Err(invalid("auth.fleet_secret", "must not be empty"));
         }
+        for port in &self.serial {
+            if !(5..=8).contains(&port.data_bits) {
+                return Err(invalid(
+                    "serial.data_bits",
+                    format!("{}: must be 5 to 8", port.path.display()),
+                ));
+            }
+            if !(1..=2).contains(&port.stop_bits) {
+                return Err(invalid(
+                    "serial.stop_bits",
+                    format!("{}: must be 1 or 2", port.path.display()),
+                ));
+            }
+            if port.baud == 0 || port.max_bad_frames == 0 {
+                return Err(invalid(
+                    "serial.baud",
+                    format!(
+                        "{}: baud and max_bad_frames must be above zero",
+                        port.path.display()
+                    ),
+                ));
+            }
+        }
         self.mqtt.validate()
     }
 
@@ -624,6 +757,34 @@ mod tests {
     fn a_bad_mqtt_url_is_named() {
         let err = Config::from_toml("[mqtt]\nurl = \"tcp://x:1\"\n").unwrap_err();
         assert!(err.to_string().contains("mqtt.url"), "{err}");
+    }
+
+    #[test]
+    fn serial_ports_parse_with_defaults_and_from_the_command_line() {
+        let c = Config::from_toml("[[serial]]\npath = \"/dev/ttyUSB0\"\n[[serial]]\npath = \"/dev/ttyS1\"\nbaud = 9600\nparity = \"even\"\n").unwrap();
+        assert_eq!(c.serial.len(), 2);
+        assert_eq!(
+            (
+                c.serial[0].baud,
+                c.serial[0].data_bits,
+                c.serial[0].stop_bits
+            ),
+            (115_200, 8, 1)
+        );
+        assert_eq!((c.serial[1].baud, c.serial[1].parity), (9600, Parity::Even));
+        let err = Config::from_toml("[[serial]]\npath = \"/dev/x\"\ndata_bits = 9\n").unwrap_err();
+        assert!(err.to_string().contains("serial.data_bits"), "{err}");
+        assert_eq!(
+            SerialPortConfig::from_arg("/dev/ttyACM0@57600")
+                .unwrap()
+                .baud,
+            57600
+        );
+        assert_eq!(
+            SerialPortConfig::from_arg("/dev/ttyACM0").unwrap().baud,
+            115_200
+        );
+        assert!(SerialPortConfig::from_arg("/dev/x@fast").is_err());
     }
 
     #[test]

@@ -90,6 +90,10 @@ struct RunArgs {
     /// without it the embedded broker runs).
     #[arg(long, value_name = "URL")]
     mqtt: Option<String>,
+    /// A serial port with one device on it, PATH[@BAUD] (default 115200 8N1); repeatable.
+    /// Adds to the config file's [[serial]] ports.
+    #[arg(long, value_name = "PATH[@BAUD]")]
+    serial: Vec<String>,
     /// This gateway's id in MQTT topics (overrides mqtt.gateway_id; default: the host name).
     #[arg(long)]
     gateway_id: Option<String>,
@@ -245,6 +249,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(id) = args.gateway_id {
         config.mqtt.gateway_id = id;
     }
+    for arg in &args.serial {
+        config
+            .serial
+            .push(gateway::config::SerialPortConfig::from_arg(arg).map_err(anyhow::Error::msg)?);
+    }
     config.validate()?;
 
     let fleet_secret = match (
@@ -278,6 +287,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "mqtt: embedded broker on mqtt://{} (topics gateway/{}/...)",
             config.mqtt.embedded.listen, config.mqtt.gateway_id
         ),
+    }
+    for port in &config.serial {
+        println!(
+            "devices: serial {} at {} baud",
+            port.path.display(),
+            port.baud
+        );
     }
     println!("devices: listening on tcp://{local}");
 

@@ -35,6 +35,9 @@ pub enum CodecError {
     /// The frame's bytes are not a valid message of the expected type.
     #[error("frame does not decode: {0}")]
     Malformed(#[from] prost::DecodeError),
+    /// A serial line delivered this many bad frames in a row.
+    #[error("{0} bad serial frames in a row (noise, wrong baud rate or framing)")]
+    NoisyLine(u32),
     /// The transport failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

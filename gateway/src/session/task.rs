@@ -49,7 +49,7 @@ impl Closed {
 
 fn codec_error_code(e: &CodecError) -> Option<ErrorCode> {
     match e {
-        CodecError::BadFraming => Some(ErrorCode::BadFraming),
+        CodecError::BadFraming | CodecError::NoisyLine(_) => Some(ErrorCode::BadFraming),
         CodecError::FrameTooLarge { .. } => Some(ErrorCode::FrameTooLarge),
         CodecError::Malformed(_) => Some(ErrorCode::MalformedMessage),
         CodecError::Io(_) => None,
@@ -78,6 +78,12 @@ pub async fn run<L>(
     let mut session = Session {
         shared: &shared,
         kind: kind.as_str(),
+        // A serial port is dedicated to its device, which may boot long after the port
+        // opens: only TCP links must say Hello in time.
+        hello_timeout: match kind {
+            LinkKind::Tcp => shared.config.hello_timeout,
+            LinkKind::Serial => Duration::from_secs(365 * 24 * 3600),
+        },
         state: match kind {
             LinkKind::Tcp => SessionState::new(),
             LinkKind::Serial => SessionState::new_contiguous(),
@@ -110,6 +116,8 @@ struct Session<'a> {
     shared: &'a Shared,
     /// Link kind, for device status.
     kind: &'static str,
+    /// How long the link may take to say Hello.
+    hello_timeout: Duration,
     state: SessionState,
     /// Highest seq queued to the writer.
     last_forwarded: u64,
@@ -143,7 +151,7 @@ impl Session<'_> {
         // Hello phase.
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down"),
-            r = timeout(self.shared.config.hello_timeout, link.next()) => r,
+            r = timeout(self.hello_timeout, link.next()) => r,
         };
         let hello = match first {
             Err(_) => {
