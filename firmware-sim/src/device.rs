@@ -121,15 +121,16 @@ pub struct DeviceOutcome {
     pub gave_up: Option<ErrorCode>,
 }
 
-struct Pending {
-    seq: u64,
-    bytes: Bytes,
+pub(crate) struct Pending {
+    pub(crate) seq: u64,
+    /// Length-delimited encoding (the TCP frame); serial re-frames the message inside.
+    pub(crate) bytes: Bytes,
     /// Readings in it; `None` for a CommandResult.
     readings: Option<u64>,
     first_sent: Instant,
 }
 
-enum LinkEnd {
+pub(crate) enum LinkEnd {
     /// The link broke or the gateway closed it: reconnect.
     Lost,
     /// The gateway refused this device for good.
@@ -158,14 +159,14 @@ pub fn sensor_name(i: usize) -> String {
     }
 }
 
-fn encode(msg: &DeviceMessage) -> Bytes {
+pub(crate) fn encode(msg: &DeviceMessage) -> Bytes {
     let mut buf = BytesMut::with_capacity(msg.encoded_len() + 4);
     // Cannot fail: the buffer grows as needed.
     let _ = msg.encode_length_delimited(&mut buf);
     buf.freeze()
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -174,17 +175,17 @@ fn now_ms() -> u64 {
 
 /// A simulated device and its unacknowledged frames.
 pub struct Device {
-    spec: DeviceSpec,
+    pub(crate) spec: DeviceSpec,
     names: Vec<String>,
     phase: f64,
     next_seq: u64,
-    pending: VecDeque<Pending>,
+    pub(crate) pending: VecDeque<Pending>,
     /// Command ids seen, so repeats are recognised.
     seen_commands: std::collections::HashSet<String>,
     /// Answers to send, with when they are due.
-    answers: VecDeque<(Instant, CommandResult)>,
-    outcome: DeviceOutcome,
-    stats: Arc<FleetStats>,
+    pub(crate) answers: VecDeque<(Instant, CommandResult)>,
+    pub(crate) outcome: DeviceOutcome,
+    pub(crate) stats: Arc<FleetStats>,
 }
 
 impl Device {
@@ -217,7 +218,7 @@ impl Device {
         }
     }
 
-    fn next_frame(&mut self) -> Pending {
+    pub(crate) fn next_frame(&mut self) -> Pending {
         let ts = now_ms();
         let t = ts as f64 / 60_000.0;
         let mut rng = rand::rng();
@@ -241,7 +242,7 @@ impl Device {
     }
 
     /// Numbers a data message and encodes it once, for sending and resending.
-    fn data_frame(&mut self, body: Body, readings: Option<u64>) -> Pending {
+    pub(crate) fn data_frame(&mut self, body: Body, readings: Option<u64>) -> Pending {
         let seq = self.next_seq;
         self.next_seq += 1;
         let msg = DeviceMessage {
@@ -257,7 +258,7 @@ impl Device {
     }
 
     /// A command arrived: note it, and schedule an answer unless it is a repeat.
-    fn on_command(&mut self, command: Command) {
+    pub(crate) fn on_command(&mut self, command: Command) {
         if !self.seen_commands.insert(command.id.clone()) {
             self.outcome.commands_repeated += 1;
             return;
@@ -293,7 +294,7 @@ impl Device {
     }
 
     /// Forgets every frame at or below `seq`: the gateway holds them durably.
-    fn acked(&mut self, seq: u64) {
+    pub(crate) fn acked(&mut self, seq: u64) {
         let mut latencies = Vec::new();
         while self.pending.front().is_some_and(|p| p.seq <= seq) {
             let Some(p) = self.pending.pop_front() else {
@@ -404,7 +405,7 @@ impl Device {
         self.connected(&mut reader, &mut write, timing).await
     }
 
-    fn on_error(&mut self, e: &proto::v1::Error) -> LinkEnd {
+    pub(crate) fn on_error(&mut self, e: &proto::v1::Error) -> LinkEnd {
         let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
         self.stats.record_error(code);
         match code {

@@ -44,6 +44,8 @@ pub struct FleetConfig {
     pub faults: Faults,
     /// How devices answer commands.
     pub commands: CommandBehaviour,
+    /// Play one device on this serial port instead of a TCP fleet (`gateway` is then unused).
+    pub serial: Option<crate::serial::SerialTarget>,
 }
 
 impl Default for FleetConfig {
@@ -64,6 +66,7 @@ impl Default for FleetConfig {
             keepalive: Duration::from_secs(20),
             faults: Faults::default(),
             commands: CommandBehaviour::default(),
+            serial: None,
         }
     }
 }
@@ -132,7 +135,19 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
         };
         let gateway = config.gateway.clone();
         let device = Device::new(spec, stats.clone());
-        devices.spawn(async move { device.run(&gateway, timing).await });
+        match config.serial.clone() {
+            Some(port) => {
+                devices.spawn(async move {
+                    device
+                        .run_serial(&port.path, port.baud, port.noise, timing)
+                        .await
+                });
+                break; // one device per serial port
+            }
+            None => {
+                devices.spawn(async move { device.run(&gateway, timing).await });
+            }
+        }
     }
     let mut outcomes = Vec::with_capacity(config.devices);
     while let Some(done) = devices.join_next().await {

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod device;
 pub mod fleet;
 pub mod report;
+pub mod serial;
 
 pub use fleet::{run_fleet, FleetConfig};
 pub use report::Report;

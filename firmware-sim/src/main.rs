@@ -97,6 +97,18 @@ struct RunArgs {
     /// Never answer commands.
     #[arg(long)]
     ignore_commands: bool,
+    /// Play one device on this serial port (COBS + CRC framing) instead of a TCP fleet.
+    #[arg(long, value_name = "PATH")]
+    serial: Option<std::path::PathBuf>,
+    /// Serial speed.
+    #[arg(long, default_value_t = 115_200)]
+    baud: u32,
+    /// Share of sent bytes to flip on the serial line (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    corrupt: f64,
+    /// Share of sent bytes to drop on the serial line (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    drop_bytes: f64,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -127,7 +139,9 @@ fn main() -> ExitCode {
         (Ok(duration), Ok(drain))
             if args.rate >= 0.0
                 && args.rate.is_finite()
-                && (0.0..=1.0).contains(&args.command_failure_rate) =>
+                && (0.0..=1.0).contains(&args.command_failure_rate)
+                && (0.0..=1.0).contains(&args.corrupt)
+                && (0.0..=1.0).contains(&args.drop_bytes) =>
         {
             FleetConfig {
                 gateway: args.gateway,
@@ -141,6 +155,14 @@ fn main() -> ExitCode {
                 token: args.token,
                 prefix: args.prefix,
                 epoch: args.epoch,
+                serial: args.serial.map(|path| firmware_sim::serial::SerialTarget {
+                    path,
+                    baud: args.baud,
+                    noise: firmware_sim::serial::Noise {
+                        corrupt: args.corrupt,
+                        drop: args.drop_bytes,
+                    },
+                }),
                 commands: firmware_sim::device::CommandBehaviour {
                     delay: Duration::from_millis(args.command_delay_ms),
                     failure_rate: args.command_failure_rate,
@@ -154,7 +176,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         _ => {
-            eprintln!("firmware-sim: --rate must be a non-negative number and --command-failure-rate between 0 and 1");
+            eprintln!("firmware-sim: --rate must be a non-negative number; --command-failure-rate, --corrupt and --drop-bytes between 0 and 1");
             return ExitCode::from(2);
         }
     };
