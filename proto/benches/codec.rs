@@ -1,5 +1,5 @@
-//! Frame encode and decode through the TCP codec: one Telemetry frame of 8 readings, and a
-//! stream of frames fed in network-sized chunks.
+//! Frame encode and decode through the TCP codec (one Telemetry frame of 8 readings, and a
+//! stream of frames fed in network-sized chunks) and the serial codec (COBS + CRC-32).
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -64,6 +64,27 @@ fn codec(c: &mut Criterion) {
             }
             assert_eq!(n, 1000);
         })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("serial_codec");
+    g.throughput(Throughput::Elements(1));
+    let mut serial = BytesMut::new();
+    proto::serial::encode_frame(&msg, &mut serial);
+    g.bench_function("encode_telemetry_8", |b| {
+        let mut buf = BytesMut::with_capacity(1024);
+        b.iter(|| {
+            buf.clear();
+            proto::serial::encode_frame(&msg, &mut buf);
+        })
+    });
+    g.bench_function("decode_telemetry_8", |b| {
+        let mut codec = proto::serial::SerialCodec::<DeviceMessage>::default();
+        b.iter_batched(
+            || serial.clone(),
+            |mut buf| codec.decode(&mut buf).unwrap(),
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
 }
