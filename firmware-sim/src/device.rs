@@ -166,6 +166,16 @@ pub(crate) fn encode(msg: &DeviceMessage) -> Bytes {
     buf.freeze()
 }
 
+/// When the next frame is due after one due at `previous`: keeps the average rate, and does
+/// not burst to catch up after a stall. `None`: as fast as the window allows.
+pub(crate) fn next_due(previous: Instant, period: Option<Duration>) -> Instant {
+    let now = Instant::now();
+    match period {
+        Some(p) => (previous + p).max(now.checked_sub(p).unwrap_or(now)),
+        None => now,
+    }
+}
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -459,11 +469,7 @@ impl Device {
                         return LinkEnd::Lost;
                     }
                     last_write = Instant::now();
-                    next_send = match period {
-                        // Keep the average rate; do not burst to catch up after a stall.
-                        Some(p) => (next_send + p).max(Instant::now() - p),
-                        None => Instant::now(),
-                    };
+                    next_send = next_due(next_send, period);
                 }
                 _ = sleep_until(last_write + self.spec.keepalive) => {
                     let ping = encode(&DeviceMessage { seq: 0, body: Some(Body::Ping(Ping {})) });

@@ -21,7 +21,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::codec::Framed;
 
-use crate::device::{Device, DeviceOutcome, LinkEnd, Timing};
+use crate::device::{next_due, Device, DeviceOutcome, LinkEnd, Timing};
 
 /// With no ack for this long, resend everything unacknowledged.
 pub const ACK_TIMEOUT: Duration = Duration::from_millis(250);
@@ -224,10 +224,7 @@ impl Device {
                         return LinkEnd::Lost;
                     }
                     last_write = Instant::now();
-                    next_send = match period {
-                        Some(p) => (next_send + p).max(Instant::now() - p),
-                        None => Instant::now(),
-                    };
+                    next_send = next_due(next_send, period);
                 }
                 _ = sleep_until(last_write + self.spec.keepalive) => {
                     let mut ping = BytesMut::new();
