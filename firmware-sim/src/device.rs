@@ -251,6 +251,19 @@ impl Device {
         self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n))
     }
 
+    /// This device's Hello.
+    pub(crate) fn hello(&self) -> DeviceMessage {
+        DeviceMessage {
+            seq: 0,
+            body: Some(Body::Hello(Hello {
+                device_id: self.spec.id.clone(),
+                token: self.spec.token.clone(),
+                firmware_version: concat!("firmware-sim/", env!("CARGO_PKG_VERSION")).into(),
+                epoch: self.spec.epoch,
+            })),
+        }
+    }
+
     /// Numbers a data message and encodes it once, for sending and resending.
     pub(crate) fn data_frame(&mut self, body: Body, readings: Option<u64>) -> Pending {
         let seq = self.next_seq;
@@ -367,15 +380,7 @@ impl Device {
         let _ = stream.set_nodelay(true);
         let (read, mut write) = stream.into_split();
         let mut reader = FramedRead::new(read, DelimitedCodec::<GatewayMessage>::default());
-        let hello = encode(&DeviceMessage {
-            seq: 0,
-            body: Some(Body::Hello(Hello {
-                device_id: self.spec.id.clone(),
-                token: self.spec.token.clone(),
-                firmware_version: concat!("firmware-sim/", env!("CARGO_PKG_VERSION")).into(),
-                epoch: self.spec.epoch,
-            })),
-        });
+        let hello = encode(&self.hello());
         if write.write_all(&hello).await.is_err() {
             return LinkEnd::Lost;
         }

@@ -12,9 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::StreamExt;
 use proto::serial::{encode_frame, SerialCodec};
-use proto::v1::{
-    device_message::Body, gateway_message, DeviceMessage, GatewayMessage, Hello, Ping,
-};
+use proto::v1::{device_message::Body, gateway_message, DeviceMessage, GatewayMessage, Ping};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::time::{sleep, sleep_until, Instant};
@@ -130,17 +128,8 @@ impl Device {
             return LinkEnd::Lost;
         };
         let mut port: Port = Framed::new(stream, SerialCodec::default());
-        let hello = DeviceMessage {
-            seq: 0,
-            body: Some(Body::Hello(Hello {
-                device_id: self.spec.id.clone(),
-                token: self.spec.token.clone(),
-                firmware_version: concat!("firmware-sim/", env!("CARGO_PKG_VERSION")).into(),
-                epoch: self.spec.epoch,
-            })),
-        };
         let mut hello_frame = BytesMut::new();
-        encode_frame(&hello, &mut hello_frame);
+        encode_frame(&self.hello(), &mut hello_frame);
         // Hello (again, if noise ate it or its answer) until HelloAck.
         let last_seq = loop {
             if Instant::now() >= timing.drain_until {
