@@ -111,6 +111,11 @@ pub struct DeviceOutcome {
     pub last_acked_seq: u64,
     /// CommandResult frames acknowledged.
     pub results_acked: u64,
+    /// Seqs used by CommandResult frames (every other seq up to `last_acked_seq` is
+    /// Telemetry, so the store can be checked frame by frame).
+    pub result_seqs: Vec<u64>,
+    /// Readings per Telemetry frame.
+    pub readings_per_frame: u64,
     /// Ids of the commands received, in order, each once.
     pub commands_received: Vec<String>,
     /// Deliveries of a command id already received (at-least-once repeats).
@@ -210,6 +215,8 @@ impl Device {
             readings_acked: 0,
             last_acked_seq: 0,
             results_acked: 0,
+            result_seqs: Vec::new(),
+            readings_per_frame: spec.readings as u64,
             commands_received: Vec::new(),
             commands_repeated: 0,
             unacked: 0,
@@ -460,6 +467,7 @@ impl Device {
                 _ = sleep_until(answer_due), if answer_ready => {
                     if let Some((_, result)) = self.answers.pop_front() {
                         let frame = self.data_frame(Body::CommandResult(result), None);
+                        self.outcome.result_seqs.push(frame.seq);
                         if !self.send_new(write, frame).await {
                             return LinkEnd::Lost;
                         }

@@ -9,6 +9,7 @@ pub mod device;
 pub mod fleet;
 pub mod report;
 pub mod serial;
+pub mod verify;
 
 pub use fleet::{run_fleet, FleetConfig};
 pub use report::Report;

@@ -109,6 +109,10 @@ struct RunArgs {
     /// Share of sent bytes to drop on the serial line (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     drop_bytes: f64,
+    /// After the run, check the gateway's SQLite file: every acknowledged frame stored
+    /// exactly once (through the `telemetry` view). Exits non-zero on loss or duplicates.
+    #[arg(long, value_name = "PATH")]
+    verify_db: Option<std::path::PathBuf>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -188,13 +192,46 @@ fn main() -> ExitCode {
         }
     };
     let report = runtime.block_on(run_fleet(config));
+    let verification = match &args.verify_db {
+        Some(db) => match firmware_sim::verify::verify_db(db, &report) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("firmware-sim: cannot check the store {}: {e}", db.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     if args.json {
-        match serde_json::to_string(&report) {
-            Ok(json) => println!("{json}"),
-            Err(e) => eprintln!("firmware-sim: cannot encode the report: {e}"),
+        let mut value = serde_json::to_value(&report).unwrap_or_default();
+        if let (Some(v), Some(map)) = (&verification, value.as_object_mut()) {
+            map.insert(
+                "verify_db".into(),
+                serde_json::to_value(v).unwrap_or_default(),
+            );
         }
+        println!("{value}");
     } else {
         print!("{}", report.to_table());
+        if let Some(v) = &verification {
+            println!(
+                "{:<18} {} frames checked, {} missing, {} duplicated {}",
+                "store check",
+                v.frames_checked,
+                v.frames_missing,
+                v.frames_duplicated,
+                v.examples.join("; ")
+            );
+        }
+    }
+    if let Some(v) = &verification {
+        if !v.is_clean() {
+            eprintln!(
+                "firmware-sim: the store lost {} and duplicated {} acknowledged frames",
+                v.frames_missing, v.frames_duplicated
+            );
+            return ExitCode::FAILURE;
+        }
     }
     if report.is_clean() {
         ExitCode::SUCCESS

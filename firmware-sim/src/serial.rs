@@ -201,6 +201,7 @@ impl Device {
                 _ = sleep_until(answer_due), if answer_ready => {
                     if let Some((_, result)) = self.answers.pop_front() {
                         let frame = self.data_frame(Body::CommandResult(result), None);
+                        self.outcome.result_seqs.push(frame.seq);
                         if !self.send_new_serial(&mut port, noise, frame).await {
                             return LinkEnd::Lost;
                         }

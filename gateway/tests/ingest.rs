@@ -166,3 +166,43 @@ async fn a_provisioned_token_works_until_the_device_is_revoked() {
     }
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_check_passes_a_clean_run_and_catches_lost_and_duplicated_frames() {
+    let gw = TestGateway::start(|_| {}).await;
+    let report = firmware_sim::run_fleet(firmware_sim::FleetConfig {
+        devices: 3,
+        rate: 20.0,
+        readings: 2,
+        duration: Duration::from_secs(1),
+        ..fleet(gw.addr)
+    })
+    .await;
+    assert!(report.is_clean(), "{}", report.to_table());
+    let clean = firmware_sim::verify::verify_db(&gw.db, &report).unwrap();
+    assert!(clean.is_clean(), "{clean:?}");
+    assert_eq!(clean.frames_checked, report.frames_acked);
+
+    // Damage the store the way a broken gateway would: lose one frame, duplicate another.
+    let mut conn = open_db(&gw.db).await;
+    sqlx::query("DELETE FROM readings WHERE seq = 2 AND stream = (SELECT MIN(id) FROM streams)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO readings (series, ts_ms, stream, seq, idx, value)
+         SELECT series, ts_ms, stream, seq, idx + 100, value FROM readings
+         WHERE seq = 3 AND stream = (SELECT MIN(id) FROM streams)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let damaged = firmware_sim::verify::verify_db(&gw.db, &report).unwrap();
+    assert_eq!(
+        (damaged.frames_missing, damaged.frames_duplicated),
+        (1, 1),
+        "{damaged:?}"
+    );
+    assert!(!damaged.is_clean());
+    gw.stop().await;
+}

@@ -29,7 +29,12 @@ async fn a_python_device_built_from_the_readme_is_acked_and_stored() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let out = tempfile::tempdir().unwrap();
     let generated = Command::new("python3")
-        .args(["-m", "grpc_tools.protoc", "-I", &format!("{root}/proto/proto")])
+        .args([
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            &format!("{root}/proto/proto"),
+        ])
         .arg(format!("--python_out={}", out.path().display()))
         .arg(format!("{root}/proto/proto/gateway/v1/device.proto"))
         .status()
