@@ -19,7 +19,8 @@ use proto::v1::{
     GatewayMessage, Hello, Ping, Reading, Telemetry,
 };
 use proto::DelimitedCodec;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -49,6 +50,9 @@ pub struct DeviceSpec {
     pub faults: Faults,
     /// How it answers commands.
     pub commands: CommandBehaviour,
+    /// Seeds the device's values and virtual clock: the same seed gives the same bytes.
+    /// `None`: random values and the wall clock.
+    pub seed: Option<u64>,
 }
 
 /// How a simulated device answers commands.
@@ -164,6 +168,9 @@ pub fn sensor_name(i: usize) -> String {
     }
 }
 
+/// Start of a seeded device's virtual clock: 2030-01-01T00:00:00Z in ms.
+const VIRTUAL_START_MS: u64 = 1_893_456_000_000;
+
 pub(crate) fn encode(msg: &DeviceMessage) -> Bytes {
     let mut buf = BytesMut::with_capacity(msg.encoded_len() + 4);
     // Cannot fail: the buffer grows as needed.
@@ -193,6 +200,8 @@ pub struct Device {
     pub(crate) spec: DeviceSpec,
     names: Vec<String>,
     phase: f64,
+    /// Values, faults and command outcomes draw from this (seeded when the spec has a seed).
+    rng: StdRng,
     next_seq: u64,
     pub(crate) pending: VecDeque<Pending>,
     /// Command ids seen, so repeats are recognised.
@@ -222,9 +231,14 @@ impl Device {
             unacked: 0,
             gave_up: None,
         };
+        let mut rng = match spec.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_rng(&mut rand::rng()),
+        };
         Self {
             names,
-            phase: rand::rng().random_range(0.0..std::f64::consts::TAU),
+            phase: rng.random_range(0.0..std::f64::consts::TAU),
+            rng,
             next_seq: 1,
             pending: VecDeque::new(),
             seen_commands: std::collections::HashSet::new(),
@@ -236,9 +250,21 @@ impl Device {
     }
 
     pub(crate) fn next_frame(&mut self) -> Pending {
-        let ts = now_ms();
+        // Seeded devices keep a virtual clock (one period per frame from a fixed start), so
+        // their bytes do not depend on when they run.
+        let ts = match self.spec.seed {
+            Some(_) => {
+                let period_ms = if self.spec.rate > 0.0 {
+                    (1000.0 / self.spec.rate) as u64
+                } else {
+                    1
+                };
+                VIRTUAL_START_MS + self.next_seq * period_ms.max(1)
+            }
+            None => now_ms(),
+        };
         let t = ts as f64 / 60_000.0;
-        let mut rng = rand::rng();
+        let rng = &mut self.rng;
         let readings = self
             .names
             .iter()
@@ -298,8 +324,8 @@ impl Device {
         if behaviour.ignore {
             return;
         }
-        let failed = behaviour.failure_rate > 0.0
-            && rand::rng().random_bool(behaviour.failure_rate.min(1.0));
+        let failed =
+            behaviour.failure_rate > 0.0 && self.rng.random_bool(behaviour.failure_rate.min(1.0));
         let result = CommandResult {
             id: command.id,
             status: if failed { Status::Error } else { Status::Ok } as i32,
@@ -478,7 +504,7 @@ impl Device {
                     let frame = self.next_frame();
                     let ok = self.send_new(write, frame).await;
                     let p = self.spec.faults.disconnect_after_send;
-                    if !ok || (p > 0.0 && rand::rng().random_bool(p.min(1.0))) {
+                    if !ok || (p > 0.0 && self.rng.random_bool(p.min(1.0))) {
                         return LinkEnd::Lost;
                     }
                     last_write = Instant::now();
@@ -493,5 +519,37 @@ impl Device {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(seed: Option<u64>) -> DeviceSpec {
+        DeviceSpec {
+            id: "d-1".into(),
+            token: "t".into(),
+            epoch: 7,
+            readings: 8,
+            rate: 10.0,
+            window: 16,
+            keepalive: Duration::from_secs(20),
+            faults: Faults::default(),
+            commands: CommandBehaviour::default(),
+            seed,
+        }
+    }
+
+    fn frames(seed: Option<u64>) -> Vec<Bytes> {
+        let mut d = Device::new(spec(seed), Arc::default());
+        (0..5).map(|_| d.next_frame().bytes).collect()
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_bytes_and_another_seed_does_not() {
+        assert_eq!(frames(Some(42)), frames(Some(42)));
+        assert_ne!(frames(Some(42)), frames(Some(43)));
+        assert_ne!(frames(None), frames(None), "unseeded devices vary");
     }
 }

@@ -46,6 +46,9 @@ pub struct FleetConfig {
     pub commands: CommandBehaviour,
     /// Play one device on this serial port instead of a TCP fleet (`gateway` is then unused).
     pub serial: Option<crate::serial::SerialTarget>,
+    /// Makes the run deterministic: device `i` is seeded with a value derived from this and
+    /// `i`, and the default epoch is derived from it too.
+    pub seed: Option<u64>,
 }
 
 impl Default for FleetConfig {
@@ -67,6 +70,7 @@ impl Default for FleetConfig {
             faults: Faults::default(),
             commands: CommandBehaviour::default(),
             serial: None,
+            seed: None,
         }
     }
 }
@@ -94,12 +98,15 @@ pub async fn run_fleet(config: FleetConfig) -> Report {
 /// [`run_fleet`], updating `stats` as it goes so a caller can watch the run.
 pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Report {
     let start = Instant::now();
-    let epoch = config.epoch.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(1)
-    });
+    let epoch = config
+        .epoch
+        .or(config.seed.map(|s| s.wrapping_add(1)))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(1)
+        });
     let ramp = config.ramp.min(config.duration);
     let stop_at = start + ramp + config.duration;
     let drain_until = stop_at + config.drain;
@@ -122,6 +129,10 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
             keepalive: config.keepalive,
             faults: config.faults,
             commands: config.commands,
+            // SplitMix-style spread so neighbouring devices get unrelated streams.
+            seed: config
+                .seed
+                .map(|s| s ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         };
         let offset = if ramp.is_zero() {
             Duration::ZERO

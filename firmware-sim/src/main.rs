@@ -109,6 +109,9 @@ struct RunArgs {
     /// Share of sent bytes to drop on the serial line (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     drop_bytes: f64,
+    /// Seed: the same seed (and options) gives the same bytes from every device.
+    #[arg(long)]
+    seed: Option<u64>,
     /// After the run, check the gateway's SQLite file: every acknowledged frame stored
     /// exactly once (through the `telemetry` view). Exits non-zero on loss or duplicates.
     #[arg(long, value_name = "PATH")]
