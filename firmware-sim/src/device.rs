@@ -53,6 +53,10 @@ pub struct DeviceSpec {
     /// Seeds the device's values and virtual clock: the same seed gives the same bytes.
     /// `None`: random values and the wall clock.
     pub seed: Option<u64>,
+    /// Sensors and their waveforms (from a scenario); `None`: the built-in plausible set.
+    pub sensors: Option<Arc<Vec<crate::scenario::SensorSpec>>>,
+    /// Share of the report period by which each interval varies at random (0 to 1).
+    pub jitter: f64,
 }
 
 /// How a simulated device answers commands.
@@ -202,6 +206,10 @@ pub struct Device {
     phase: f64,
     /// Values, faults and command outcomes draw from this (seeded when the spec has a seed).
     rng: StdRng,
+    /// Current value of each random-walk sensor.
+    walk: Vec<f64>,
+    /// When this device was created (time zero of its waveforms on the wall clock).
+    born: Instant,
     next_seq: u64,
     pub(crate) pending: VecDeque<Pending>,
     /// Command ids seen, so repeats are recognised.
@@ -215,7 +223,14 @@ pub struct Device {
 impl Device {
     /// A device that has sent nothing yet.
     pub fn new(spec: DeviceSpec, stats: Arc<FleetStats>) -> Self {
-        let names = (0..spec.readings).map(sensor_name).collect();
+        let names: Vec<String> = match &spec.sensors {
+            Some(sensors) => sensors.iter().map(|s| s.name.clone()).collect(),
+            None => (0..spec.readings).map(sensor_name).collect(),
+        };
+        let walk = match &spec.sensors {
+            Some(sensors) => sensors.iter().map(|s| s.waveform.start()).collect(),
+            None => Vec::new(),
+        };
         let outcome = DeviceOutcome {
             device_id: spec.id.clone(),
             epoch: spec.epoch,
@@ -239,6 +254,8 @@ impl Device {
             names,
             phase: rng.random_range(0.0..std::f64::consts::TAU),
             rng,
+            walk,
+            born: Instant::now(),
             next_seq: 1,
             pending: VecDeque::new(),
             seen_commands: std::collections::HashSet::new(),
@@ -263,6 +280,24 @@ impl Device {
             }
             None => now_ms(),
         };
+        if let Some(sensors) = self.spec.sensors.clone() {
+            // Seconds since the device started, on its virtual or real clock.
+            let elapsed = match self.spec.seed {
+                Some(_) => (ts - VIRTUAL_START_MS) as f64 / 1000.0,
+                None => self.born.elapsed().as_secs_f64(),
+            };
+            let readings = sensors
+                .iter()
+                .zip(self.walk.iter_mut())
+                .map(|(sensor, walk)| Reading {
+                    sensor: sensor.name.clone(),
+                    value: sensor.waveform.value(elapsed, walk, &mut self.rng),
+                    timestamp_ms: ts,
+                })
+                .collect();
+            let n = sensors.len() as u64;
+            return self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n));
+        }
         let t = ts as f64 / 60_000.0;
         let rng = &mut self.rng;
         let readings = self
@@ -282,6 +317,18 @@ impl Device {
             .collect();
         let n = self.names.len() as u64;
         self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n))
+    }
+
+    /// The report period with this device's jitter applied.
+    pub(crate) fn jittered(&mut self, period: Option<Duration>) -> Option<Duration> {
+        let j = self.spec.jitter.clamp(0.0, 1.0);
+        period.map(|p| {
+            if j > 0.0 {
+                p.mul_f64(1.0 + self.rng.random_range(-j..=j))
+            } else {
+                p
+            }
+        })
     }
 
     /// This device's Hello.
@@ -508,7 +555,7 @@ impl Device {
                         return LinkEnd::Lost;
                     }
                     last_write = Instant::now();
-                    next_send = next_due(next_send, period);
+                    next_send = next_due(next_send, self.jittered(period));
                 }
                 _ = sleep_until(last_write + self.spec.keepalive) => {
                     let ping = encode(&DeviceMessage { seq: 0, body: Some(Body::Ping(Ping {})) });
@@ -538,6 +585,8 @@ mod tests {
             faults: Faults::default(),
             commands: CommandBehaviour::default(),
             seed,
+            sensors: None,
+            jitter: 0.0,
         }
     }
 

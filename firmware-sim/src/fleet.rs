@@ -49,6 +49,10 @@ pub struct FleetConfig {
     /// Makes the run deterministic: device `i` is seeded with a value derived from this and
     /// `i`, and the default epoch is derived from it too.
     pub seed: Option<u64>,
+    /// Sensors and waveforms (from a scenario profile); `None`: `readings` built-in sensors.
+    pub sensors: Option<Arc<Vec<crate::scenario::SensorSpec>>>,
+    /// Share of the report period by which each interval varies (0 to 1).
+    pub jitter: f64,
 }
 
 impl Default for FleetConfig {
@@ -71,6 +75,8 @@ impl Default for FleetConfig {
             commands: CommandBehaviour::default(),
             serial: None,
             seed: None,
+            sensors: None,
+            jitter: 0.0,
         }
     }
 }
@@ -133,6 +139,8 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
             seed: config
                 .seed
                 .map(|s| s ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            sensors: config.sensors.clone(),
+            jitter: config.jitter,
         };
         let offset = if ramp.is_zero() {
             Duration::ZERO

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod device;
 pub mod fleet;
 pub mod report;
+pub mod scenario;
 pub mod serial;
 pub mod verify;
 

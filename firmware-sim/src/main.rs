@@ -24,6 +24,32 @@ enum Command {
     Run(RunArgs),
     /// Measure the gateway against this machine's own limits (see BENCHMARKS.md).
     Bench(BenchArgs),
+    /// Run a scenario file (profiles of devices with sensor waveforms) against a gateway.
+    Scenario(ScenarioArgs),
+}
+
+#[derive(clap::Args)]
+struct ScenarioArgs {
+    /// The scenario file (TOML; see firmware-sim/scenarios/).
+    file: std::path::PathBuf,
+    /// The gateway's device listener.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    gateway: String,
+    /// Seed: the same scenario and seed give the same bytes from every device.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Fleet secret: each device's token is HMAC-SHA256(secret, device_id).
+    #[arg(long, env = "GATEWAY_FLEET_SECRET", hide_env_values = true)]
+    fleet_secret: Option<String>,
+    /// A token every device presents.
+    #[arg(long, conflicts_with = "fleet_secret")]
+    token: Option<String>,
+    /// After the run, check the gateway's SQLite file (every acked frame exactly once).
+    #[arg(long, value_name = "PATH")]
+    verify_db: Option<std::path::PathBuf>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -138,6 +164,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Run(args) => args,
         Command::Bench(args) => return bench(args),
+        Command::Scenario(args) => return scenario(args),
     };
     let config = match (
         seconds("duration", args.duration),
@@ -195,8 +222,17 @@ fn main() -> ExitCode {
         }
     };
     let report = runtime.block_on(run_fleet(config));
-    let verification = match &args.verify_db {
-        Some(db) => match firmware_sim::verify::verify_db(db, &report) {
+    finish(&report, args.verify_db.as_deref(), args.json)
+}
+
+/// Prints the report (and the store check), and says how the run ended.
+fn finish(
+    report: &firmware_sim::Report,
+    verify_db: Option<&std::path::Path>,
+    json: bool,
+) -> ExitCode {
+    let verification = match verify_db {
+        Some(db) => match firmware_sim::verify::verify_db(db, report) {
             Ok(v) => Some(v),
             Err(e) => {
                 eprintln!("firmware-sim: cannot check the store {}: {e}", db.display());
@@ -205,8 +241,8 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    if args.json {
-        let mut value = serde_json::to_value(&report).unwrap_or_default();
+    if json {
+        let mut value = serde_json::to_value(report).unwrap_or_default();
         if let (Some(v), Some(map)) = (&verification, value.as_object_mut()) {
             map.insert(
                 "verify_db".into(),
@@ -288,4 +324,30 @@ fn bench(args: BenchArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn scenario(args: ScenarioArgs) -> ExitCode {
+    let scenario = match firmware_sim::scenario::Scenario::load(&args.file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("firmware-sim: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let base = FleetConfig {
+        gateway: args.gateway,
+        fleet_secret: args.fleet_secret,
+        token: args.token,
+        seed: args.seed,
+        ..FleetConfig::default()
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("firmware-sim: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(firmware_sim::scenario::run_scenario(&scenario, &base));
+    finish(&report, args.verify_db.as_deref(), args.json)
 }

@@ -214,7 +214,7 @@ impl Device {
                         return LinkEnd::Lost;
                     }
                     last_write = Instant::now();
-                    next_send = next_due(next_send, period);
+                    next_send = next_due(next_send, self.jittered(period));
                 }
                 _ = sleep_until(last_write + self.spec.keepalive) => {
                     let mut ping = BytesMut::new();

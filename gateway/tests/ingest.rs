@@ -206,3 +206,38 @@ async fn the_store_check_passes_a_clean_run_and_catches_lost_and_duplicated_fram
     assert!(!damaged.is_clean());
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_smoke_scenario_runs_with_zero_loss() {
+    let gw = TestGateway::start(|_| {}).await;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../firmware-sim/scenarios/smoke.toml"
+    );
+    let scenario = firmware_sim::scenario::Scenario::load(std::path::Path::new(path)).unwrap();
+    let report = firmware_sim::scenario::run_scenario(
+        &scenario,
+        &firmware_sim::FleetConfig {
+            seed: Some(7),
+            ..fleet(gw.addr)
+        },
+    )
+    .await;
+    assert!(report.is_clean(), "{}", report.to_table());
+    assert_eq!(report.devices, 8, "both profiles ran");
+    let check = firmware_sim::verify::verify_db(&gw.db, &report).unwrap();
+    assert!(
+        check.is_clean() && check.frames_checked == report.frames_acked,
+        "{check:?}"
+    );
+    // The step waveform stepped: meters reported 800 W before 2 s and 1500 W after.
+    let mut conn = open_db(&gw.db).await;
+    let powers: Vec<f64> = sqlx::query_scalar(
+        "SELECT DISTINCT value FROM telemetry WHERE sensor = 'power' ORDER BY value",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(powers, vec![800.0, 1500.0]);
+    gw.stop().await;
+}
