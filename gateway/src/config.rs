@@ -643,13 +643,16 @@ impl Config {
                     format!("{}: must be 1 or 2", port.path.display()),
                 ));
             }
-            if port.baud == 0 || port.max_bad_frames == 0 {
+            if port.baud == 0 {
                 return Err(invalid(
                     "serial.baud",
-                    format!(
-                        "{}: baud and max_bad_frames must be above zero",
-                        port.path.display()
-                    ),
+                    format!("{}: must be above zero", port.path.display()),
+                ));
+            }
+            if port.max_bad_frames == 0 {
+                return Err(invalid(
+                    "serial.max_bad_frames",
+                    format!("{}: must be at least 1", port.path.display()),
                 ));
             }
         }

@@ -143,21 +143,9 @@ impl Store {
         &self.pool
     }
 
-    /// The file this store lives in.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// A connection of its own for the store writer.
     pub fn writer_connection(&self) -> Result<rusqlite::Connection, StoreError> {
         batch::open_connection(&self.path, self.durability)
-    }
-
-    /// Total readings stored (for start-up and shutdown logs).
-    pub async fn reading_count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM readings")
-            .fetch_one(&self.pool)
-            .await?)
     }
 }
 
