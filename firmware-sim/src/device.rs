@@ -24,10 +24,15 @@ use rand::{Rng, SeedableRng};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::FramedRead;
 
+use crate::record::Tap;
 use crate::report::FleetStats;
+
+/// A device's side of a TCP link, recorded when `--record` asks.
+type Writer = Tap<OwnedWriteHalf>;
+use crate::timeline::{Action, AnomalyKind, DeviceAnomaly, Label};
 
 /// Who a device is and how it behaves.
 #[derive(Debug, Clone)]
@@ -57,6 +62,14 @@ pub struct DeviceSpec {
     pub sensors: Option<Arc<Vec<crate::scenario::SensorSpec>>>,
     /// Share of the report period by which each interval varies at random (0 to 1).
     pub jitter: f64,
+    /// Readings per sensor per frame (scenario profiles), spread over the report period.
+    pub samples: usize,
+    /// Faults it commits, by time from the start of the run.
+    pub schedule: Vec<(Duration, Action)>,
+    /// Anomalies in its sensor values, on its own clock.
+    pub anomalies: Vec<DeviceAnomaly>,
+    /// Records what it sends over TCP (`--record`).
+    pub recorder: Option<Arc<crate::record::Recorder>>,
 }
 
 /// How a simulated device answers commands.
@@ -94,6 +107,8 @@ pub struct Faults {
 /// When a device starts, stops producing and gives up waiting for acks.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
+    /// Time zero of the run: fault times count from here.
+    pub origin: Instant,
     /// First connection attempt.
     pub start_at: Instant,
     /// No new frames from here on.
@@ -132,6 +147,11 @@ pub struct DeviceOutcome {
     pub unacked: u64,
     /// Set when the gateway refused the device for good (bad or revoked token).
     pub gave_up: Option<ErrorCode>,
+    /// Unacknowledged frames the device itself forgot when it rebooted (a device without
+    /// flash loses them; the gateway cannot have promised anything about them).
+    pub lost_in_reboot: u64,
+    /// Anomalies it put into its values in this epoch.
+    pub labels: Vec<Label>,
 }
 
 pub(crate) struct Pending {
@@ -171,6 +191,9 @@ pub fn sensor_name(i: usize) -> String {
         None => format!("sensor_{i}"),
     }
 }
+
+/// How long a rebooting device stays off.
+const REBOOT_TIME: Duration = Duration::from_millis(200);
 
 /// Start of a seeded device's virtual clock: 2030-01-01T00:00:00Z in ms.
 const VIRTUAL_START_MS: u64 = 1_893_456_000_000;
@@ -218,6 +241,38 @@ pub struct Device {
     pub(crate) answers: VecDeque<(Instant, CommandResult)>,
     pub(crate) outcome: DeviceOutcome,
     pub(crate) stats: Arc<FleetStats>,
+    /// Telemetry frames made so far (the virtual clock's ticks; not reset by a reboot).
+    tick: u64,
+    /// Added to every timestamp (clock-skew faults).
+    skew_ms: i64,
+    /// Faults still to come, by wall time.
+    schedule: VecDeque<(Instant, Action)>,
+    /// Progress of each anomaly.
+    anomalies: Vec<AnomalyProgress>,
+    /// Outcomes of epochs before a reboot.
+    earlier: Vec<DeviceOutcome>,
+    /// Not reading acks until then (slow-reader fault).
+    slow_until: Option<Instant>,
+    /// Stay off until then before reconnecting (storm, reboot).
+    hold_until: Option<Instant>,
+    /// Present a wrong token at the next Hello (wrong-token fault).
+    wrong_token: bool,
+    /// Frames still to send at once (burst fault).
+    burst_left: u64,
+}
+
+/// How far an anomaly has got on one device.
+#[derive(Debug, Clone)]
+struct AnomalyProgress {
+    spec: DeviceAnomaly,
+    /// Value a `stuck` sensor froze at.
+    stuck: Option<f64>,
+    /// First and last timestamp affected, and how many frames.
+    span: Option<(u64, u64, u64)>,
+    /// No longer applies (waiting to be labelled).
+    over: bool,
+    /// Labelled.
+    done: bool,
 }
 
 impl Device {
@@ -245,6 +300,8 @@ impl Device {
             commands_repeated: 0,
             unacked: 0,
             gave_up: None,
+            lost_in_reboot: 0,
+            labels: Vec::new(),
         };
         let mut rng = match spec.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
@@ -262,41 +319,211 @@ impl Device {
             answers: VecDeque::new(),
             outcome,
             stats,
+            tick: 0,
+            skew_ms: 0,
+            schedule: VecDeque::new(),
+            anomalies: spec
+                .anomalies
+                .iter()
+                .map(|a| AnomalyProgress {
+                    spec: *a,
+                    stuck: None,
+                    span: None,
+                    over: false,
+                    done: false,
+                })
+                .collect(),
+            earlier: Vec::new(),
+            slow_until: None,
+            hold_until: None,
+            wrong_token: false,
+            burst_left: 0,
             spec,
         }
     }
 
-    pub(crate) fn next_frame(&mut self) -> Pending {
+    /// Every epoch's outcome, oldest first, with open anomaly labels closed.
+    pub(crate) fn finish(mut self) -> Vec<DeviceOutcome> {
+        self.close_labels(true);
+        self.outcome.unacked = self.pending.len() as u64;
+        let mut all = std::mem::take(&mut self.earlier);
+        all.push(self.outcome);
+        all
+    }
+
+    /// Moves finished anomalies (all of them when `all`) into the outcome's labels.
+    fn close_labels(&mut self, all: bool) {
+        let epoch = self.outcome.epoch;
+        for a in &mut self.anomalies {
+            if a.done || !(all || a.over) {
+                continue;
+            }
+            if let Some((from_ms, to_ms, frames)) = a.span.take() {
+                a.done = true;
+                self.outcome.labels.push(Label {
+                    device_id: self.spec.id.clone(),
+                    epoch,
+                    sensor: match a.spec.sensor {
+                        Some(i) => self.names.get(i).cloned().unwrap_or_default(),
+                        None => "*".into(),
+                    },
+                    kind: a.spec.kind,
+                    from_ms,
+                    to_ms,
+                    frames,
+                });
+            }
+        }
+    }
+
+    /// Reboots: a device without flash forgets what it had not had acknowledged, and starts a
+    /// new epoch at seq 1.
+    fn reboot(&mut self) {
+        self.close_labels(true);
+        let lost = self.pending.len() as u64;
+        self.pending.clear();
+        self.answers.clear();
+        self.seen_commands.clear();
+        let next_epoch = self.outcome.epoch.wrapping_add(1);
+        let readings_per_frame = self.outcome.readings_per_frame;
+        let mut old = std::mem::replace(
+            &mut self.outcome,
+            DeviceOutcome {
+                epoch: next_epoch,
+                frames_sent: 0,
+                frames_acked: 0,
+                readings_acked: 0,
+                last_acked_seq: 0,
+                results_acked: 0,
+                result_seqs: Vec::new(),
+                commands_received: Vec::new(),
+                commands_repeated: 0,
+                unacked: 0,
+                gave_up: None,
+                lost_in_reboot: 0,
+                labels: Vec::new(),
+                device_id: self.spec.id.clone(),
+                readings_per_frame,
+            },
+        );
+        old.lost_in_reboot = lost;
+        self.earlier.push(old);
+        self.spec.epoch = next_epoch;
+        self.next_seq = 1;
+        // Anomalies that had begun are labelled in the old epoch; the rest continue.
+        for a in &mut self.anomalies {
+            a.stuck = None;
+        }
+    }
+
+    /// Carries out a fault. `Some(end)`: the link ends here.
+    pub(crate) async fn commit<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        action: Action,
+        write: &mut W,
+    ) -> Option<LinkEnd> {
+        match action {
+            Action::Storm(down) => {
+                self.hold_until = Some(Instant::now() + down);
+                Some(LinkEnd::Lost)
+            }
+            Action::Reboot => {
+                self.reboot();
+                self.hold_until = Some(Instant::now() + REBOOT_TIME);
+                Some(LinkEnd::Lost)
+            }
+            Action::Corrupt => {
+                // Field 1 (seq) with a wire type (7) that does not exist: never decodes.
+                let garbage = [0x04, 0x0F, 0xFF, 0xFF, 0xFF];
+                write.write_all(&garbage).await.err().map(|_| LinkEnd::Lost)
+            }
+            Action::Oversize => {
+                // Announces 16 MiB, far above any gateway's max_frame.
+                let mut prefix = BytesMut::new();
+                prost::encoding::encode_varint(16 << 20, &mut prefix);
+                prefix.extend_from_slice(&[0u8; 64]);
+                write.write_all(&prefix).await.err().map(|_| LinkEnd::Lost)
+            }
+            Action::WrongToken => {
+                self.wrong_token = true;
+                self.hold_until = Some(Instant::now());
+                Some(LinkEnd::Lost)
+            }
+            Action::SlowReader(length) => {
+                self.slow_until = Some(Instant::now() + length);
+                None
+            }
+            Action::ClockSkew(ms) => {
+                self.skew_ms = self.skew_ms.saturating_add(ms);
+                None
+            }
+            Action::Burst(n) => {
+                self.burst_left += n;
+                None
+            }
+        }
+    }
+
+    /// When the next fault is due, if any.
+    pub(crate) fn next_fault_at(&self) -> Option<Instant> {
+        self.schedule.front().map(|f| f.0)
+    }
+
+    /// Takes the due fault.
+    pub(crate) fn take_fault(&mut self) -> Option<Action> {
+        self.schedule.pop_front().map(|f| f.1)
+    }
+
+    /// Fixes fault times against the run's time zero.
+    pub(crate) fn plan(&mut self, origin: Instant) {
+        self.schedule = self
+            .spec
+            .schedule
+            .iter()
+            .map(|(at, action)| (origin + *at, *action))
+            .collect();
+    }
+
+    /// The next Telemetry frame; `None` while a dropout anomaly keeps the device quiet.
+    pub(crate) fn next_frame(&mut self) -> Option<Pending> {
+        self.tick += 1;
+        let period_ms = if self.spec.rate > 0.0 {
+            ((1000.0 / self.spec.rate) as u64).max(1)
+        } else {
+            1
+        };
         // Seeded devices keep a virtual clock (one period per frame from a fixed start), so
         // their bytes do not depend on when they run.
-        let ts = match self.spec.seed {
-            Some(_) => {
-                let period_ms = if self.spec.rate > 0.0 {
-                    (1000.0 / self.spec.rate) as u64
-                } else {
-                    1
-                };
-                VIRTUAL_START_MS + self.next_seq * period_ms.max(1)
-            }
+        let clock = match self.spec.seed {
+            Some(_) => VIRTUAL_START_MS + self.tick * period_ms,
             None => now_ms(),
         };
+        let ts = clock.saturating_add_signed(self.skew_ms);
         if let Some(sensors) = self.spec.sensors.clone() {
             // Seconds since the device started, on its virtual or real clock.
             let elapsed = match self.spec.seed {
-                Some(_) => (ts - VIRTUAL_START_MS) as f64 / 1000.0,
+                Some(_) => (clock - VIRTUAL_START_MS) as f64 / 1000.0,
                 None => self.born.elapsed().as_secs_f64(),
             };
-            let readings = sensors
-                .iter()
-                .zip(self.walk.iter_mut())
-                .map(|(sensor, walk)| Reading {
-                    sensor: sensor.name.clone(),
-                    value: sensor.waveform.value(elapsed, walk, &mut self.rng),
-                    timestamp_ms: ts,
-                })
-                .collect();
-            let n = sensors.len() as u64;
-            return self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n));
+            let samples = self.spec.samples.max(1) as u64;
+            let mut readings = Vec::with_capacity(sensors.len() * samples as usize);
+            for s in 0..samples {
+                // Samples spread over the period, the last one at `ts`.
+                let back_ms = (samples - 1 - s) * period_ms / samples;
+                let t = elapsed - back_ms as f64 / 1000.0;
+                for (sensor, walk) in sensors.iter().zip(self.walk.iter_mut()) {
+                    readings.push(Reading {
+                        sensor: sensor.name.clone(),
+                        value: sensor.waveform.value(t, walk, &mut self.rng),
+                        timestamp_ms: ts.saturating_sub(back_ms),
+                    });
+                }
+            }
+            if self.apply_anomalies(elapsed, ts, &mut readings) {
+                return None;
+            }
+            let n = readings.len() as u64;
+            return Some(self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n)));
         }
         let t = ts as f64 / 60_000.0;
         let rng = &mut self.rng;
@@ -316,7 +543,54 @@ impl Device {
             })
             .collect();
         let n = self.names.len() as u64;
-        self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n))
+        Some(self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n)))
+    }
+
+    /// Applies the anomalies active at `t` seconds to a frame stamped `ts`, and tracks their
+    /// labels. True: a dropout swallows the frame.
+    fn apply_anomalies(&mut self, t: f64, ts: u64, readings: &mut [Reading]) -> bool {
+        let per_sample = self.names.len().max(1);
+        let mut dropped = false;
+        for a in &mut self.anomalies {
+            if a.done || a.over {
+                continue;
+            }
+            if !a.spec.active(t) {
+                // Once it has applied, leaving its window ends it.
+                a.over = a.span.is_some();
+                continue;
+            }
+            let span = a.span.get_or_insert((ts, ts, 0));
+            span.1 = ts;
+            span.2 += 1;
+            let spec = a.spec;
+            let affected = readings
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| spec.sensor.is_none_or(|s| i % per_sample == s))
+                .map(|(_, r)| r);
+            match spec.kind {
+                AnomalyKind::Spike => affected.for_each(|r| r.value += spec.magnitude),
+                AnomalyKind::Drift => {
+                    let progress = if spec.to_s > spec.from_s {
+                        ((t - spec.from_s) / (spec.to_s - spec.from_s)).clamp(0.0, 1.0)
+                    } else {
+                        1.0
+                    };
+                    affected.for_each(|r| r.value += spec.magnitude * progress);
+                }
+                AnomalyKind::Stuck => {
+                    for r in affected {
+                        r.value = *a.stuck.get_or_insert(r.value);
+                    }
+                }
+                AnomalyKind::Dropout => dropped = true,
+            }
+            // A zero-length anomaly hits one frame only.
+            a.over = spec.from_s == spec.to_s;
+        }
+        self.close_labels(false);
+        dropped
     }
 
     /// The report period with this device's jitter applied.
@@ -331,13 +605,17 @@ impl Device {
         })
     }
 
-    /// This device's Hello.
+    /// This device's Hello (with a wrong token if a fault says so).
     pub(crate) fn hello(&self) -> DeviceMessage {
         DeviceMessage {
             seq: 0,
             body: Some(Body::Hello(Hello {
                 device_id: self.spec.id.clone(),
-                token: self.spec.token.clone(),
+                token: if self.wrong_token {
+                    format!("wrong-{}", self.spec.token)
+                } else {
+                    self.spec.token.clone()
+                },
                 firmware_version: concat!("firmware-sim/", env!("CARGO_PKG_VERSION")).into(),
                 epoch: self.spec.epoch,
             })),
@@ -388,7 +666,7 @@ impl Device {
     }
 
     /// Sends a new data frame and keeps it until acknowledged; false if the link broke.
-    async fn send_new(&mut self, write: &mut OwnedWriteHalf, frame: Pending) -> bool {
+    async fn send_new(&mut self, write: &mut Writer, frame: Pending) -> bool {
         let ok = write.write_all(&frame.bytes).await.is_ok();
         self.outcome.frames_sent += 1;
         self.stats.add_sent(1);
@@ -416,8 +694,9 @@ impl Device {
         self.stats.record_acks(&latencies);
     }
 
-    /// Runs the device until its timing says stop; returns how it ended.
-    pub async fn run(mut self, gateway: &str, timing: Timing) -> DeviceOutcome {
+    /// Runs the device until its timing says stop; returns how each of its epochs ended.
+    pub async fn run(mut self, gateway: &str, timing: Timing) -> Vec<DeviceOutcome> {
+        self.plan(timing.origin);
         sleep_until(timing.start_at).await;
         let mut backoff = Duration::from_millis(100);
         let mut connected_before = false;
@@ -438,18 +717,27 @@ impl Device {
                     break;
                 }
                 LinkEnd::Lost => {
-                    let jitter = rand::rng().random_range(0.5..1.5);
-                    let wait = backoff.mul_f64(jitter);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // A fault says when to come back; otherwise back off with jitter.
+                    let until = match self.hold_until.take() {
+                        Some(until) => {
+                            backoff = Duration::from_millis(100);
+                            until
+                        }
+                        None => {
+                            let jitter = rand::rng().random_range(0.5..1.5);
+                            let wait = backoff.mul_f64(jitter);
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            Instant::now() + wait
+                        }
+                    };
                     tokio::select! {
-                        _ = sleep(wait) => {}
+                        _ = sleep_until(until) => {}
                         _ = sleep_until(timing.drain_until) => break,
                     }
                 }
             }
         }
-        self.outcome.unacked = self.pending.len() as u64;
-        self.outcome
+        self.finish()
     }
 
     async fn link(&mut self, gateway: &str, timing: Timing, backoff: &mut Duration) -> LinkEnd {
@@ -458,7 +746,8 @@ impl Device {
             return LinkEnd::Lost;
         };
         let _ = stream.set_nodelay(true);
-        let (read, mut write) = stream.into_split();
+        let (read, write) = stream.into_split();
+        let mut write = Tap::new(write, self.spec.recorder.as_ref());
         let mut reader = FramedRead::new(read, DelimitedCodec::<GatewayMessage>::default());
         let hello = encode(&self.hello());
         if write.write_all(&hello).await.is_err() {
@@ -503,6 +792,11 @@ impl Device {
     pub(crate) fn on_error(&mut self, e: &proto::v1::Error) -> LinkEnd {
         let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
         self.stats.record_error(code);
+        if code == ErrorCode::AuthFailed && self.wrong_token {
+            // The wrong token was the fault; the next Hello is right again.
+            self.wrong_token = false;
+            return LinkEnd::Lost;
+        }
         match code {
             ErrorCode::AuthFailed | ErrorCode::DeviceRevoked => LinkEnd::Refused(code),
             _ => LinkEnd::Lost,
@@ -512,23 +806,36 @@ impl Device {
     async fn connected(
         &mut self,
         reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, DelimitedCodec<GatewayMessage>>,
-        write: &mut OwnedWriteHalf,
+        write: &mut Writer,
         timing: Timing,
     ) -> LinkEnd {
         let period = (self.spec.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / self.spec.rate));
         let mut next_send = Instant::now();
         let mut last_write = Instant::now();
         loop {
-            let producing = Instant::now() < timing.stop_at;
+            let now = Instant::now();
+            let producing = now < timing.stop_at;
             if !producing && self.pending.is_empty() {
                 return LinkEnd::Done;
             }
             let can_send = producing && self.pending.len() < self.spec.window;
             let answer_ready = !self.answers.is_empty() && self.pending.len() < self.spec.window;
-            let answer_due = self.answers.front().map_or_else(Instant::now, |a| a.0);
+            let answer_due = self.answers.front().map_or(now, |a| a.0);
+            let fault_at = self.next_fault_at();
+            let slow_until = self.slow_until.filter(|u| *u > now);
             tokio::select! {
                 biased;
-                msg = reader.next() => match msg {
+                _ = sleep_until(fault_at.unwrap_or(now)), if fault_at.is_some() => {
+                    let Some(action) = self.take_fault() else { continue };
+                    if let Some(end) = self.commit(action, write).await {
+                        return end;
+                    }
+                    if matches!(action, Action::Burst(_)) {
+                        next_send = Instant::now();
+                    }
+                }
+                _ = sleep_until(slow_until.unwrap_or(now)), if slow_until.is_some() => {}
+                msg = reader.next(), if slow_until.is_none() => match msg {
                     Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Ack(ack)) })) => self.acked(ack.seq),
                     Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Error(e)) })) => return self.on_error(&e),
                     Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Command(c)) })) => self.on_command(c),
@@ -548,14 +855,20 @@ impl Device {
                     }
                 }
                 _ = sleep_until(next_send), if can_send => {
-                    let frame = self.next_frame();
-                    let ok = self.send_new(write, frame).await;
-                    let p = self.spec.faults.disconnect_after_send;
-                    if !ok || (p > 0.0 && self.rng.random_bool(p.min(1.0))) {
-                        return LinkEnd::Lost;
+                    if let Some(frame) = self.next_frame() {
+                        let ok = self.send_new(write, frame).await;
+                        let p = self.spec.faults.disconnect_after_send;
+                        if !ok || (p > 0.0 && self.rng.random_bool(p.min(1.0))) {
+                            return LinkEnd::Lost;
+                        }
+                        last_write = Instant::now();
                     }
-                    last_write = Instant::now();
-                    next_send = next_due(next_send, self.jittered(period));
+                    next_send = if self.burst_left > 0 {
+                        self.burst_left -= 1;
+                        Instant::now()
+                    } else {
+                        next_due(next_send, self.jittered(period))
+                    };
                 }
                 _ = sleep_until(last_write + self.spec.keepalive) => {
                     let ping = encode(&DeviceMessage { seq: 0, body: Some(Body::Ping(Ping {})) });
@@ -587,12 +900,16 @@ mod tests {
             seed,
             sensors: None,
             jitter: 0.0,
+            samples: 1,
+            schedule: Vec::new(),
+            anomalies: Vec::new(),
+            recorder: None,
         }
     }
 
     fn frames(seed: Option<u64>) -> Vec<Bytes> {
         let mut d = Device::new(spec(seed), Arc::default());
-        (0..5).map(|_| d.next_frame().bytes).collect()
+        (0..5).filter_map(|_| d.next_frame()).map(|p| p.bytes).collect()
     }
 
     #[test]

@@ -44,8 +44,9 @@ pub struct FleetConfig {
     pub faults: Faults,
     /// How devices answer commands.
     pub commands: CommandBehaviour,
-    /// Play one device on this serial port instead of a TCP fleet (`gateway` is then unused).
-    pub serial: Option<crate::serial::SerialTarget>,
+    /// Play one device per serial port instead of a TCP fleet (`gateway` and `devices` are
+    /// then unused).
+    pub serial: Vec<crate::serial::SerialTarget>,
     /// Makes the run deterministic: device `i` is seeded with a value derived from this and
     /// `i`, and the default epoch is derived from it too.
     pub seed: Option<u64>,
@@ -53,6 +54,14 @@ pub struct FleetConfig {
     pub sensors: Option<Arc<Vec<crate::scenario::SensorSpec>>>,
     /// Share of the report period by which each interval varies (0 to 1).
     pub jitter: f64,
+    /// Readings per sensor per frame (with `sensors`).
+    pub samples: usize,
+    /// Faults and anomalies, with the devices they picked.
+    pub timeline: Option<Arc<crate::timeline::ProfileTimeline>>,
+    /// Time zero of the run (fault times count from it); default: when the fleet starts.
+    pub origin: Option<Instant>,
+    /// Record what every TCP device sends (`--record`).
+    pub recorder: Option<Arc<crate::record::Recorder>>,
 }
 
 impl Default for FleetConfig {
@@ -73,10 +82,14 @@ impl Default for FleetConfig {
             keepalive: Duration::from_secs(20),
             faults: Faults::default(),
             commands: CommandBehaviour::default(),
-            serial: None,
+            serial: Vec::new(),
             seed: None,
             sensors: None,
             jitter: 0.0,
+            samples: 1,
+            timeline: None,
+            origin: None,
+            recorder: None,
         }
     }
 }
@@ -103,7 +116,7 @@ pub async fn run_fleet(config: FleetConfig) -> Report {
 
 /// [`run_fleet`], updating `stats` as it goes so a caller can watch the run.
 pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Report {
-    let start = Instant::now();
+    let start = config.origin.unwrap_or_else(Instant::now);
     let epoch = config
         .epoch
         .or(config.seed.map(|s| s.wrapping_add(1)))
@@ -117,14 +130,24 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
     let stop_at = start + ramp + config.duration;
     let drain_until = stop_at + config.drain;
     let mut devices = JoinSet::new();
+    let count = if config.serial.is_empty() {
+        config.devices
+    } else {
+        config.serial.len()
+    };
     let offsets: Vec<f64> = {
         let mut rng = rand::rng();
-        (0..config.devices)
+        (0..count)
             .map(|_| rng.random_range(0.0..1.0))
             .collect()
     };
     for (i, offset) in offsets.into_iter().enumerate() {
         let id = config.device_id(i);
+        let (schedule, anomalies) = config
+            .timeline
+            .as_ref()
+            .map(|t| t.for_device(i))
+            .unwrap_or_default();
         let spec = DeviceSpec {
             token: config.token_for(&id),
             id,
@@ -141,6 +164,10 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
                 .map(|s| s ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             sensors: config.sensors.clone(),
             jitter: config.jitter,
+            samples: config.samples,
+            schedule,
+            anomalies,
+            recorder: config.recorder.clone(),
         };
         let offset = if ramp.is_zero() {
             Duration::ZERO
@@ -148,33 +175,33 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
             ramp.mul_f64(offset)
         };
         let timing = Timing {
+            origin: start,
             start_at: start + offset,
             stop_at,
             drain_until,
         };
         let gateway = config.gateway.clone();
         let device = Device::new(spec, stats.clone());
-        match config.serial.clone() {
+        match config.serial.get(i).cloned() {
             Some(port) => {
                 devices.spawn(async move {
                     device
                         .run_serial(&port.path, port.baud, port.noise, timing)
                         .await
                 });
-                break; // one device per serial port
             }
             None => {
                 devices.spawn(async move { device.run(&gateway, timing).await });
             }
         }
     }
-    let mut outcomes = Vec::with_capacity(config.devices);
+    let mut outcomes = Vec::with_capacity(count);
     while let Some(done) = devices.join_next().await {
         match done {
-            Ok(outcome) => outcomes.push(outcome),
+            Ok(epochs) => outcomes.extend(epochs),
             Err(e) => tracing::error!(error = %e, "a simulated device task failed"),
         }
     }
-    outcomes.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    outcomes.sort_by(|a, b| (&a.device_id, a.epoch).cmp(&(&b.device_id, b.epoch)));
     Report::new(&stats, outcomes, start.elapsed(), ramp + config.duration)
 }

@@ -7,9 +7,12 @@
 pub mod bench;
 pub mod device;
 pub mod fleet;
+pub mod gate;
+pub mod record;
 pub mod report;
 pub mod scenario;
 pub mod serial;
+pub mod timeline;
 pub mod verify;
 
 pub use fleet::{run_fleet, FleetConfig};

@@ -1,11 +1,12 @@
 //! `firmware-sim`: plays fleets of devices against a gateway and reports what it
 //! acknowledged. Exits non-zero when anything is still unacknowledged after the drain period.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use firmware_sim::{run_fleet, FleetConfig};
+use firmware_sim::FleetConfig;
 
 #[derive(Parser)]
 #[command(
@@ -20,12 +21,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a fleet of identical devices over TCP.
+    /// Run a fleet of identical devices over TCP (or one on a serial port).
     Run(RunArgs),
     /// Measure the gateway against this machine's own limits (see BENCHMARKS.md).
     Bench(BenchArgs),
-    /// Run a scenario file (profiles of devices with sensor waveforms) against a gateway.
+    /// Run a scenario file (device profiles, sensor waveforms, faults, anomalies).
     Scenario(ScenarioArgs),
+    /// Play a recording (from --record or `proxy`) to a gateway.
+    Replay(ReplayArgs),
+    /// Sit between real devices and a gateway and record what the devices send.
+    Proxy(ProxyArgs),
+}
+
+/// After-run checks and outputs shared by `run` and `scenario`.
+#[derive(clap::Args)]
+struct Checks {
+    /// After the run, check the gateway's SQLite file: every acknowledged frame stored
+    /// exactly once (through the `telemetry` view). Exits non-zero on loss or duplicates.
+    #[arg(long, value_name = "PATH")]
+    verify_db: Option<std::path::PathBuf>,
+    /// Subscribe to this broker (mqtt://HOST:PORT) before the run; afterwards check every
+    /// acknowledged frame was published at least once. Exits non-zero on loss.
+    #[arg(long, value_name = "URL")]
+    verify_mqtt: Option<String>,
+    /// Topic filter for --verify-mqtt.
+    #[arg(long, default_value = "#", value_name = "FILTER")]
+    mqtt_filter: String,
+    /// Seconds to wait for publications to arrive after the run, for --verify-mqtt.
+    #[arg(long, default_value_t = 30.0)]
+    mqtt_wait: f64,
+    /// Record what every TCP device sends, with timing, for `firmware-sim replay`.
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
+    /// Print the summary as one JSON object (no progress bar).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -35,7 +65,8 @@ struct ScenarioArgs {
     /// The gateway's device listener.
     #[arg(long, default_value = "127.0.0.1:7700")]
     gateway: String,
-    /// Seed: the same scenario and seed give the same bytes from every device.
+    /// Seed (overrides the scenario's): the same scenario and seed give the same bytes from
+    /// every device.
     #[arg(long)]
     seed: Option<u64>,
     /// Fleet secret: each device's token is HMAC-SHA256(secret, device_id).
@@ -44,12 +75,49 @@ struct ScenarioArgs {
     /// A token every device presents.
     #[arg(long, conflicts_with = "fleet_secret")]
     token: Option<String>,
-    /// After the run, check the gateway's SQLite file (every acked frame exactly once).
-    #[arg(long, value_name = "PATH")]
-    verify_db: Option<std::path::PathBuf>,
+    /// Relay LISTEN to the broker at UPSTREAM (HOST:PORT) and cut it for broker-outage
+    /// faults; point the gateway's --mqtt at mqtt://LISTEN.
+    #[arg(long, value_name = "LISTEN=UPSTREAM")]
+    broker_gate: Option<String>,
+    /// Relative serial `ports` in the scenario are taken from this directory.
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    ports_dir: std::path::PathBuf,
+    /// Write the anomaly labels as JSON lines to this file.
+    #[arg(long, value_name = "OUT")]
+    labels: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    checks: Checks,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The recording.
+    file: std::path::PathBuf,
+    /// The gateway's device listener.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    gateway: String,
+    /// Pace: 1 is as recorded, 10 ten times faster, 0 as fast as possible.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Where devices connect.
+    #[arg(long, default_value = "0.0.0.0:7700")]
+    listen: String,
+    /// The gateway's device listener.
+    #[arg(long)]
+    upstream: String,
+    /// The recording to write.
+    #[arg(long, value_name = "FILE")]
+    record: std::path::PathBuf,
+    /// Stop after this many seconds (default: at Ctrl-C or SIGTERM).
+    #[arg(long)]
+    duration: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -138,13 +206,8 @@ struct RunArgs {
     /// Seed: the same seed (and options) gives the same bytes from every device.
     #[arg(long)]
     seed: Option<u64>,
-    /// After the run, check the gateway's SQLite file: every acknowledged frame stored
-    /// exactly once (through the `telemetry` view). Exits non-zero on loss or duplicates.
-    #[arg(long, value_name = "PATH")]
-    verify_db: Option<std::path::PathBuf>,
-    /// Print the summary as one JSON object.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    checks: Checks,
 }
 
 fn seconds(name: &str, s: f64) -> Result<Duration, String> {
@@ -161,11 +224,23 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = match cli.command {
-        Command::Run(args) => args,
-        Command::Bench(args) => return bench(args),
-        Command::Scenario(args) => return scenario(args),
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("firmware-sim: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
     };
+    match cli.command {
+        Command::Run(args) => run(args, &runtime),
+        Command::Bench(args) => bench(args, &runtime),
+        Command::Scenario(args) => scenario(args, &runtime),
+        Command::Replay(args) => replay(args, &runtime),
+        Command::Proxy(args) => proxy(args, &runtime),
+    }
+}
+
+fn run(args: RunArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     let config = match (
         seconds("duration", args.duration),
         seconds("drain", args.drain),
@@ -189,14 +264,18 @@ fn main() -> ExitCode {
                 token: args.token,
                 prefix: args.prefix,
                 epoch: args.epoch,
-                serial: args.serial.map(|path| firmware_sim::serial::SerialTarget {
-                    path,
-                    baud: args.baud,
-                    noise: firmware_sim::serial::Noise {
-                        corrupt: args.corrupt,
-                        drop: args.drop_bytes,
-                    },
-                }),
+                serial: args
+                    .serial
+                    .map(|path| firmware_sim::serial::SerialTarget {
+                        path,
+                        baud: args.baud,
+                        noise: firmware_sim::serial::Noise {
+                            corrupt: args.corrupt,
+                            drop: args.drop_bytes,
+                        },
+                    })
+                    .into_iter()
+                    .collect(),
                 commands: firmware_sim::device::CommandBehaviour {
                     delay: Duration::from_millis(args.command_delay_ms),
                     failure_rate: args.command_failure_rate,
@@ -214,21 +293,143 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
+    runtime.block_on(execute(&args.checks, None, |recorder, stats| async move {
+        let config = FleetConfig { recorder, ..config };
+        Ok(firmware_sim::fleet::run_fleet_with(config, stats).await)
+    }))
+}
+
+fn scenario(args: ScenarioArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let mut scenario = match firmware_sim::scenario::Scenario::load(&args.file) {
+        Ok(s) => s,
         Err(e) => {
-            eprintln!("firmware-sim: cannot start the async runtime: {e}");
+            eprintln!("firmware-sim: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    scenario.resolve_ports(&args.ports_dir);
+    let gate = match args.broker_gate.as_deref().map(|g| g.split_once('=')) {
+        None => None,
+        Some(Some((listen, upstream))) => {
+            match runtime.block_on(firmware_sim::gate::Gate::start(listen, upstream, true)) {
+                Ok(gate) => Some(std::sync::Arc::new(gate)),
+                Err(e) => {
+                    eprintln!("firmware-sim: --broker-gate: cannot listen on {listen}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Some(None) => {
+            eprintln!("firmware-sim: --broker-gate takes LISTEN=UPSTREAM, such as 127.0.0.1:1884=127.0.0.1:1883");
+            return ExitCode::from(2);
+        }
+    };
+    let base = FleetConfig {
+        gateway: args.gateway,
+        fleet_secret: args.fleet_secret,
+        token: args.token,
+        seed: args.seed,
+        ..FleetConfig::default()
+    };
+    runtime.block_on(execute(
+        &args.checks,
+        args.labels.as_deref(),
+        |recorder, stats| async move {
+            let base = FleetConfig { recorder, ..base };
+            firmware_sim::scenario::run_scenario(&scenario, &base, gate, stats).await
+        },
+    ))
+}
+
+/// Starts the checks that must watch the run, runs it with a progress bar on a terminal,
+/// then prints the report and the checks, and says how it all ended.
+async fn execute<F, Fut>(
+    checks: &Checks,
+    labels: Option<&std::path::Path>,
+    run: F,
+) -> ExitCode
+where
+    F: FnOnce(
+        Option<std::sync::Arc<firmware_sim::record::Recorder>>,
+        std::sync::Arc<firmware_sim::report::FleetStats>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<firmware_sim::Report>>,
+{
+    let watch = match &checks.verify_mqtt {
+        Some(url) => match firmware_sim::verify::MqttWatch::start(url, &checks.mqtt_filter).await
+        {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("firmware-sim: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let recorder = match checks.record.as_deref().map(firmware_sim::record::Recorder::create) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            eprintln!("firmware-sim: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        None => None,
+    };
+    let stats = std::sync::Arc::new(firmware_sim::report::FleetStats::default());
+    let progress = (!checks.json && std::io::stderr().is_terminal())
+        .then(|| firmware_sim::report::progress(stats.clone()));
+    let report = run(recorder.clone(), stats).await;
+    if let Some(p) = progress {
+        p.abort();
+        eprint!("\r\x1b[2K");
+    }
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("firmware-sim: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    let report = runtime.block_on(run_fleet(config));
-    finish(&report, args.verify_db.as_deref(), args.json)
+    if let Some(r) = &recorder {
+        if let Err(e) = r.finish() {
+            eprintln!("firmware-sim: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(path) = labels {
+        if let Err(e) = write_labels(path, &report) {
+            eprintln!("firmware-sim: writing labels to {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let mqtt = match &watch {
+        Some(w) => Some(
+            w.verify(
+                &report,
+                Duration::try_from_secs_f64(checks.mqtt_wait).unwrap_or(Duration::from_secs(30)),
+            )
+            .await,
+        ),
+        None => None,
+    };
+    finish(&report, checks.verify_db.as_deref(), mqtt, checks.json)
 }
 
-/// Prints the report (and the store check), and says how the run ended.
+/// Writes one JSON object per anomaly label.
+fn write_labels(path: &std::path::Path, report: &firmware_sim::Report) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for label in report.labels() {
+        serde_json::to_writer(&mut out, label)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// Prints the report and the checks, and says how the run ended.
 fn finish(
     report: &firmware_sim::Report,
     verify_db: Option<&std::path::Path>,
+    mqtt: Option<firmware_sim::verify::MqttVerification>,
     json: bool,
 ) -> ExitCode {
     let verification = match verify_db {
@@ -243,11 +444,19 @@ fn finish(
     };
     if json {
         let mut value = serde_json::to_value(report).unwrap_or_default();
-        if let (Some(v), Some(map)) = (&verification, value.as_object_mut()) {
-            map.insert(
-                "verify_db".into(),
-                serde_json::to_value(v).unwrap_or_default(),
-            );
+        if let Some(map) = value.as_object_mut() {
+            if let Some(v) = &verification {
+                map.insert(
+                    "verify_db".into(),
+                    serde_json::to_value(v).unwrap_or_default(),
+                );
+            }
+            if let Some(m) = &mqtt {
+                map.insert(
+                    "verify_mqtt".into(),
+                    serde_json::to_value(m).unwrap_or_default(),
+                );
+            }
         }
         println!("{value}");
     } else {
@@ -262,28 +471,143 @@ fn finish(
                 v.examples.join("; ")
             );
         }
-    }
-    if let Some(v) = &verification {
-        if !v.is_clean() {
-            eprintln!(
-                "firmware-sim: the store lost {} and duplicated {} acknowledged frames",
-                v.frames_missing, v.frames_duplicated
+        if let Some(m) = &mqtt {
+            println!(
+                "{:<18} {} frames checked, {} never published, {} published more than once ({} messages) {}",
+                "mqtt check",
+                m.frames_checked,
+                m.frames_missing,
+                m.frames_repeated,
+                m.messages,
+                m.examples.join("; ")
             );
-            return ExitCode::FAILURE;
         }
     }
-    if report.is_clean() {
-        ExitCode::SUCCESS
-    } else {
+    let mut clean = true;
+    if let Some(v) = verification.filter(|v| !v.is_clean()) {
+        eprintln!(
+            "firmware-sim: the store lost {} and duplicated {} acknowledged frames",
+            v.frames_missing, v.frames_duplicated
+        );
+        clean = false;
+    }
+    if let Some(m) = mqtt.filter(|m| !m.is_clean()) {
+        eprintln!(
+            "firmware-sim: {} acknowledged frames were never published",
+            m.frames_missing
+        );
+        clean = false;
+    }
+    if !report.is_clean() {
         eprintln!(
             "firmware-sim: {} frames unacknowledged, {} devices refused",
             report.unacked_frames, report.devices_refused
         );
+        clean = false;
+    }
+    if clean {
+        ExitCode::SUCCESS
+    } else {
         ExitCode::FAILURE
     }
 }
 
-fn bench(args: BenchArgs) -> ExitCode {
+fn replay(args: ReplayArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    if !(args.speed >= 0.0) {
+        eprintln!("firmware-sim: --speed must be 0 (as fast as possible) or more");
+        return ExitCode::from(2);
+    }
+    let recording = match firmware_sim::record::Recording::load(&args.file) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("firmware-sim: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = runtime.block_on(firmware_sim::record::replay(
+        recording,
+        &args.gateway,
+        args.speed,
+    ));
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        println!(
+            "replayed {} connections ({} bytes) in {:.1} s: {} hello acks, {} acks, errors {:?}, {} could not connect",
+            report.connections,
+            report.bytes_sent,
+            report.elapsed_s,
+            report.hello_acks,
+            report.acks,
+            report.errors,
+            report.connect_failures
+        );
+    }
+    if report.connect_failures > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn proxy(args: ProxyArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let recorder = match firmware_sim::record::Recorder::create(&args.record) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("firmware-sim: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match runtime.block_on(tokio::net::TcpListener::bind(&args.listen)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("firmware-sim: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "firmware-sim: relaying {} to {}, recording to {}",
+        args.listen,
+        args.upstream,
+        args.record.display()
+    );
+    let duration = args.duration.and_then(|s| Duration::try_from_secs_f64(s).ok());
+    let relayed = runtime.block_on(firmware_sim::record::proxy(
+        listener,
+        &args.upstream,
+        recorder.clone(),
+        async move {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => stop_signal().await,
+            }
+        },
+    ));
+    if let Err(e) = recorder.finish() {
+        eprintln!("firmware-sim: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    eprintln!("firmware-sim: relayed {relayed} device connections");
+    ExitCode::SUCCESS
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn bench(args: BenchArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     let options = firmware_sim::bench::BenchOptions {
         gateway_bin: args.gateway_bin,
         seconds: args.seconds.max(0.5),
@@ -292,13 +616,6 @@ fn bench(args: BenchArgs) -> ExitCode {
         replay_outage: args.replay_outage.max(0.5),
         cold_start_readings: args.cold_start_readings,
         ..Default::default()
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("firmware-sim: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
     };
     let json = args.json;
     let result = runtime.block_on(firmware_sim::bench::run(&args.scenarios, &options, |o| {
@@ -324,30 +641,4 @@ fn bench(args: BenchArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn scenario(args: ScenarioArgs) -> ExitCode {
-    let scenario = match firmware_sim::scenario::Scenario::load(&args.file) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("firmware-sim: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let base = FleetConfig {
-        gateway: args.gateway,
-        fleet_secret: args.fleet_secret,
-        token: args.token,
-        seed: args.seed,
-        ..FleetConfig::default()
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("firmware-sim: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let report = runtime.block_on(firmware_sim::scenario::run_scenario(&scenario, &base));
-    finish(&report, args.verify_db.as_deref(), args.json)
 }

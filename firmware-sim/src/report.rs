@@ -105,6 +105,13 @@ pub struct Report {
     pub unacked_frames: u64,
     /// Devices the gateway refused for good (bad or revoked token).
     pub devices_refused: u64,
+    /// Reboots (reboot faults): each starts a new epoch.
+    pub reboots: u64,
+    /// Unacknowledged frames devices forgot when they rebooted (the device's loss, by design
+    /// of the fault, not the gateway's).
+    pub frames_lost_in_reboot: u64,
+    /// Anomalies labelled in sensor values.
+    pub anomalies: u64,
     /// Distinct commands received.
     pub commands_received: u64,
     /// Repeated deliveries of commands already received.
@@ -143,8 +150,16 @@ impl Report {
             }
         };
         let readings_acked = outcomes.iter().map(|o| o.readings_acked).sum();
+        let devices = outcomes
+            .iter()
+            .map(|o| o.device_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         Self {
-            devices: outcomes.len(),
+            devices,
+            reboots: (outcomes.len() - devices) as u64,
+            frames_lost_in_reboot: outcomes.iter().map(|o| o.lost_in_reboot).sum(),
+            anomalies: outcomes.iter().map(|o| o.labels.len() as u64).sum(),
             elapsed_s: elapsed.as_secs_f64(),
             frames_sent: stats.frames_sent.load(Ordering::Relaxed),
             frames_acked: outcomes.iter().map(|o| o.frames_acked).sum(),
@@ -175,6 +190,11 @@ impl Report {
         self.readings_acked as f64 / self.frames_acked.max(1) as f64
     }
 
+    /// Every anomaly label of the run, device by device.
+    pub fn labels(&self) -> impl Iterator<Item = &crate::timeline::Label> {
+        self.outcomes.iter().flat_map(|o| o.labels.iter())
+    }
+
     /// Whether every frame sent was acknowledged and no device was refused.
     pub fn is_clean(&self) -> bool {
         self.unacked_frames == 0 && self.devices_refused == 0
@@ -196,6 +216,18 @@ impl Report {
         row("reconnects", self.reconnects.to_string());
         row("unacked frames", self.unacked_frames.to_string());
         row("devices refused", self.devices_refused.to_string());
+        if self.reboots > 0 {
+            row(
+                "reboots",
+                format!(
+                    "{} ({} unacked frames forgotten by the devices)",
+                    self.reboots, self.frames_lost_in_reboot
+                ),
+            );
+        }
+        if self.anomalies > 0 {
+            row("anomalies", self.anomalies.to_string());
+        }
         row(
             "commands",
             format!(
@@ -225,4 +257,36 @@ impl Report {
         );
         s
     }
+}
+
+/// A live line on the terminal (stderr) while a run goes: elapsed time, frames sent and
+/// acknowledged, reconnects and errors. Abort the task to stop it.
+pub fn progress(stats: std::sync::Arc<FleetStats>) -> tokio::task::JoinHandle<()> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let errors: u64 = stats
+                .errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .sum();
+            bar.set_message(format!(
+                "{} frames sent, {} acked, {} resent, {} connected, {} reconnects, {} errors",
+                stats.frames_sent.load(Ordering::Relaxed),
+                stats.frames_acked.load(Ordering::Relaxed),
+                stats.frames_resent.load(Ordering::Relaxed),
+                stats.hello_acks.load(Ordering::Relaxed),
+                stats.reconnects.load(Ordering::Relaxed),
+                errors
+            ));
+            bar.tick();
+        }
+    })
 }

@@ -82,7 +82,7 @@ impl Device {
         baud: u32,
         noise: Noise,
         timing: Timing,
-    ) -> DeviceOutcome {
+    ) -> Vec<DeviceOutcome> {
         sleep_until(timing.start_at).await;
         let mut first = true;
         loop {
@@ -109,8 +109,7 @@ impl Device {
                 }
             }
         }
-        self.outcome.unacked = self.pending.len() as u64;
-        self.outcome
+        self.finish()
     }
 
     async fn send_noisy(port: &mut Port, noise: Noise, frame: &[u8]) -> bool {
@@ -209,11 +208,12 @@ impl Device {
                     }
                 }
                 _ = sleep_until(next_send), if can_send => {
-                    let frame = self.next_frame();
-                    if !self.send_new_serial(&mut port, noise, frame).await {
-                        return LinkEnd::Lost;
+                    if let Some(frame) = self.next_frame() {
+                        if !self.send_new_serial(&mut port, noise, frame).await {
+                            return LinkEnd::Lost;
+                        }
+                        last_write = Instant::now();
                     }
-                    last_write = Instant::now();
                     next_send = next_due(next_send, self.jittered(period));
                 }
                 _ = sleep_until(last_write + self.spec.keepalive) => {

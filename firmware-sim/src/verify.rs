@@ -71,3 +71,178 @@ pub fn verify_db(db: &Path, report: &Report) -> Result<Verification, rusqlite::E
     }
     Ok(v)
 }
+
+/// What the MQTT check found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MqttVerification {
+    /// Acknowledged Telemetry frames checked.
+    pub frames_checked: u64,
+    /// Acknowledged frames never published.
+    pub frames_missing: u64,
+    /// Frames published more than once (allowed: the bridge is at-least-once).
+    pub frames_repeated: u64,
+    /// Telemetry messages received in all.
+    pub messages: u64,
+    /// Up to ten examples of missing frames, as "device epoch E seq N".
+    pub examples: Vec<String>,
+}
+
+impl MqttVerification {
+    /// Every acknowledged frame was published at least once.
+    pub fn is_clean(&self) -> bool {
+        self.frames_missing == 0
+    }
+}
+
+/// Seen telemetry: (device, epoch) to how often each seq was published.
+type Seen = HashMap<(String, u64), HashMap<u64, u32>>;
+
+/// An MQTT subscription started before a run, collecting every telemetry message the
+/// gateway publishes (JSON payloads with `device_id`, `epoch`, `seq` and `readings`).
+pub struct MqttWatch {
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    messages: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// `mqtt://HOST[:PORT]` to (host, port).
+fn parse_mqtt_url(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
+        anyhow::anyhow!("--verify-mqtt {url:?}: expected mqtt://HOST[:PORT] (TLS is not supported here)")
+    })?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) => Ok((
+            host.trim_matches(['[', ']']).to_owned(),
+            port.parse()
+                .map_err(|_| anyhow::anyhow!("--verify-mqtt {url:?}: bad port {port:?}"))?,
+        )),
+        None => Ok((rest.to_owned(), 1883)),
+    }
+}
+
+impl MqttWatch {
+    /// Subscribes to `filter` on the broker at `url` and returns once the broker confirmed
+    /// the subscription (within 10 s).
+    pub async fn start(url: &str, filter: &str) -> anyhow::Result<Self> {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let (host, port) = parse_mqtt_url(url)?;
+        let id = format!("firmware-sim-verify-{}", std::process::id());
+        let mut options = MqttOptions::new(id, host, port);
+        options.set_keep_alive(std::time::Duration::from_secs(10));
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(options, 16);
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+        let seen: std::sync::Arc<std::sync::Mutex<Seen>> = Default::default();
+        let messages = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel::<()>();
+        let task = {
+            let seen = seen.clone();
+            let messages = messages.clone();
+            tokio::spawn(async move {
+                let _client = client; // keeps the request channel open
+                let mut subscribed_tx = Some(subscribed_tx);
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            if let Some(tx) = subscribed_tx.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let Ok(msg) = serde_json::from_slice::<TelemetryMessage>(&p.payload)
+                            else {
+                                continue; // status, events, results: not telemetry
+                            };
+                            if msg.readings.is_none() {
+                                continue;
+                            }
+                            messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                            *seen
+                                .entry((msg.device_id, msg.epoch))
+                                .or_default()
+                                .entry(msg.seq)
+                                .or_default() += 1;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "verify-mqtt: broker connection lost; reconnecting");
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            })
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), subscribed).await {
+            Ok(Ok(())) => Ok(Self {
+                seen,
+                messages,
+                task,
+            }),
+            _ => {
+                task.abort();
+                anyhow::bail!("--verify-mqtt {url}: no subscription confirmed within 10 s")
+            }
+        }
+    }
+
+    /// Waits (up to `wait`) until every acknowledged Telemetry frame of `report` has been
+    /// published, and says what was missing.
+    pub async fn verify(&self, report: &Report, wait: std::time::Duration) -> MqttVerification {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let v = self.check(report);
+            if v.is_clean() || tokio::time::Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    fn check(&self, report: &Report) -> MqttVerification {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = MqttVerification {
+            messages: self.messages.load(std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        };
+        let empty = HashMap::new();
+        for o in &report.outcomes {
+            let published = seen
+                .get(&(o.device_id.clone(), o.epoch))
+                .unwrap_or(&empty);
+            for seq in 1..=o.last_acked_seq {
+                if o.result_seqs.contains(&seq) {
+                    continue;
+                }
+                v.frames_checked += 1;
+                match published.get(&seq).copied().unwrap_or(0) {
+                    0 => {
+                        v.frames_missing += 1;
+                        if v.examples.len() < 10 {
+                            v.examples
+                                .push(format!("{} epoch {} seq {seq}", o.device_id, o.epoch));
+                        }
+                    }
+                    1 => {}
+                    _ => v.frames_repeated += 1,
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Drop for MqttWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TelemetryMessage {
+    device_id: String,
+    epoch: u64,
+    seq: u64,
+    readings: Option<serde::de::IgnoredAny>,
+}

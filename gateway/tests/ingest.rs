@@ -221,8 +221,11 @@ async fn the_shipped_smoke_scenario_runs_with_zero_loss() {
             seed: Some(7),
             ..fleet(gw.addr)
         },
+        None,
+        Default::default(),
     )
-    .await;
+    .await
+    .unwrap();
     assert!(report.is_clean(), "{}", report.to_table());
     assert_eq!(report.devices, 8, "both profiles ran");
     let check = firmware_sim::verify::verify_db(&gw.db, &report).unwrap();

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::mqtt::{BrokerKind, Gate, Subscriber, TestBroker};
+use common::mqtt::{BrokerKind, Subscriber, TestBroker};
+use firmware_sim::gate::Gate;
 use common::*;
 use gateway::config::{BacklogPolicy, Config};
 use rumqttc::QoS;
@@ -102,7 +103,9 @@ async fn uplink_survives_a_broker_outage(kind: BrokerKind) {
         return;
     };
     let sub = Subscriber::start(broker.port, TELEMETRY).await;
-    let gate = Gate::start(broker.port, true).await;
+    let gate = Gate::start("127.0.0.1:0", &format!("127.0.0.1:{}", broker.port), true)
+        .await
+        .expect("start the gate");
     let gw = TestGateway::start(bridged(gate.url())).await;
     let fleet = tokio::spawn(firmware_sim::run_fleet(firmware_sim::FleetConfig {
         devices: 10,
@@ -147,7 +150,9 @@ async fn a_backlog_survives_a_gateway_kill(kind: BrokerKind) {
         return;
     };
     let sub = Subscriber::start(broker.port, TELEMETRY).await;
-    let gate = Gate::start(broker.port, false).await; // the broker is unreachable at first
+    let gate = Gate::start("127.0.0.1:0", &format!("127.0.0.1:{}", broker.port), false)
+        .await
+        .expect("start the gate"); // the broker is unreachable at first
     let dir = tempfile::tempdir().unwrap();
     let (db, log) = (
         dir.path().join("gateway.db"),
@@ -410,7 +415,9 @@ async fn a_full_backlog_under_drop_oldest_drops_the_oldest_and_keeps_the_store()
     let Some(broker) = TestBroker::start(BrokerKind::Embedded).await else {
         return;
     };
-    let gate = Gate::start(broker.port, false).await;
+    let gate = Gate::start("127.0.0.1:0", &format!("127.0.0.1:{}", broker.port), false)
+        .await
+        .expect("start the gate");
     let url = gate.url();
     let gw = TestGateway::start(move |c| {
         bridged(url)(c);
@@ -461,7 +468,9 @@ async fn a_full_backlog_under_slow_holds_acks_until_the_broker_returns() {
         return;
     };
     let sub = Subscriber::start(broker.port, TELEMETRY).await;
-    let gate = Gate::start(broker.port, false).await;
+    let gate = Gate::start("127.0.0.1:0", &format!("127.0.0.1:{}", broker.port), false)
+        .await
+        .expect("start the gate");
     let url = gate.url();
     let gw = TestGateway::start(move |c| {
         bridged(url)(c);

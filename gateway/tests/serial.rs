@@ -93,11 +93,11 @@ fn serial_fleet(
         drain: Duration::from_secs(30),
         prefix: "pty-".into(),
         keepalive: Duration::from_secs(2),
-        serial: Some(SerialTarget {
+        serial: vec![SerialTarget {
             path: dev.to_path_buf(),
             baud: 115_200,
             noise,
-        }),
+        }],
         ..fleet(addr)
     }
 }
