@@ -909,7 +909,10 @@ mod tests {
 
     fn frames(seed: Option<u64>) -> Vec<Bytes> {
         let mut d = Device::new(spec(seed), Arc::default());
-        (0..5).filter_map(|_| d.next_frame()).map(|p| p.bytes).collect()
+        (0..5)
+            .filter_map(|_| d.next_frame())
+            .map(|p| p.bytes)
+            .collect()
     }
 
     #[test]

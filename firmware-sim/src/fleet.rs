@@ -137,9 +137,7 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
     };
     let offsets: Vec<f64> = {
         let mut rng = rand::rng();
-        (0..count)
-            .map(|_| rng.random_range(0.0..1.0))
-            .collect()
+        (0..count).map(|_| rng.random_range(0.0..1.0)).collect()
     };
     for (i, offset) in offsets.into_iter().enumerate() {
         let id = config.device_id(i);

@@ -331,23 +331,24 @@ fn scenario(args: ScenarioArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         seed: args.seed,
         ..FleetConfig::default()
     };
-    runtime.block_on(execute(
+    // The gate outlives the run: after it, the gateway's backlog still crosses it for
+    // --verify-mqtt.
+    let keep_gate = gate.clone();
+    let code = runtime.block_on(execute(
         &args.checks,
         args.labels.as_deref(),
         |recorder, stats| async move {
             let base = FleetConfig { recorder, ..base };
             firmware_sim::scenario::run_scenario(&scenario, &base, gate, stats).await
         },
-    ))
+    ));
+    drop(keep_gate);
+    code
 }
 
 /// Starts the checks that must watch the run, runs it with a progress bar on a terminal,
 /// then prints the report and the checks, and says how it all ended.
-async fn execute<F, Fut>(
-    checks: &Checks,
-    labels: Option<&std::path::Path>,
-    run: F,
-) -> ExitCode
+async fn execute<F, Fut>(checks: &Checks, labels: Option<&std::path::Path>, run: F) -> ExitCode
 where
     F: FnOnce(
         Option<std::sync::Arc<firmware_sim::record::Recorder>>,
@@ -356,8 +357,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<firmware_sim::Report>>,
 {
     let watch = match &checks.verify_mqtt {
-        Some(url) => match firmware_sim::verify::MqttWatch::start(url, &checks.mqtt_filter).await
-        {
+        Some(url) => match firmware_sim::verify::MqttWatch::start(url, &checks.mqtt_filter).await {
             Ok(w) => Some(w),
             Err(e) => {
                 eprintln!("firmware-sim: {e:#}");
@@ -366,7 +366,11 @@ where
         },
         None => None,
     };
-    let recorder = match checks.record.as_deref().map(firmware_sim::record::Recorder::create) {
+    let recorder = match checks
+        .record
+        .as_deref()
+        .map(firmware_sim::record::Recorder::create)
+    {
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => {
             eprintln!("firmware-sim: {e:#}");
@@ -513,7 +517,7 @@ fn finish(
 }
 
 fn replay(args: ReplayArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    if !(args.speed >= 0.0) {
+    if args.speed.is_nan() || args.speed < 0.0 {
         eprintln!("firmware-sim: --speed must be 0 (as fast as possible) or more");
         return ExitCode::from(2);
     }
@@ -571,7 +575,9 @@ fn proxy(args: ProxyArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         args.upstream,
         args.record.display()
     );
-    let duration = args.duration.and_then(|s| Duration::try_from_secs_f64(s).ok());
+    let duration = args
+        .duration
+        .and_then(|s| Duration::try_from_secs_f64(s).ok());
     let relayed = runtime.block_on(firmware_sim::record::proxy(
         listener,
         &args.upstream,
@@ -593,8 +599,7 @@ fn proxy(args: ProxyArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
 
 /// Ctrl-C or SIGTERM.
 async fn stop_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(t) => t,
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;

@@ -37,6 +37,10 @@ use tokio_util::codec::FramedRead;
 
 const FORMAT: &str = "firmware-sim-record";
 
+/// After a replayed connection's last bytes, how long to wait for the gateway to answer
+/// them and close (closing sooner could cut off frames it has not read yet).
+const LINGER: Duration = Duration::from_secs(10);
+
 #[derive(Serialize, Deserialize)]
 struct Header {
     format: String,
@@ -128,12 +132,7 @@ impl Recorder {
 
     /// Flushes to disk; reports the first write error of the whole recording.
     pub fn finish(&self) -> anyhow::Result<()> {
-        if let Some(e) = self
-            .error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(e) = self.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(e).context("writing the recording");
         }
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,10 +182,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Tap<W> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -282,7 +278,7 @@ pub struct ReplayReport {
 }
 
 /// Plays `recording` to the gateway at `gateway`, `speed` times the original pace (0 or
-/// infinity: as fast as possible). After a connection's recorded close, it waits up to 2 s
+/// infinity: as fast as possible). After a connection's recorded close, it waits up to 10 s
 /// for the gateway's last answers.
 pub async fn replay(recording: Recording, gateway: &str, speed: f64) -> ReplayReport {
     let start = Instant::now();
@@ -322,7 +318,7 @@ pub async fn replay(recording: Recording, gateway: &str, speed: f64) -> ReplayRe
                 tokio::time::sleep_until(at(close)).await;
             }
             let _ = write.shutdown().await;
-            let seen = tokio::time::timeout(Duration::from_secs(2), answers).await;
+            let seen = tokio::time::timeout(LINGER, answers).await;
             let mut totals = totals.lock().unwrap_or_else(|e| e.into_inner());
             totals.connections += 1;
             totals.bytes_sent += sent;

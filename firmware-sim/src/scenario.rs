@@ -287,9 +287,14 @@ impl Scenario {
             path.display()
         );
         for (i, f) in scenario.faults.iter().enumerate() {
-            scenario
-                .check_fault(f)
-                .map_err(|e| anyhow::anyhow!("{}: fault {} ({}): {e}", path.display(), i + 1, f.kind.name()))?;
+            scenario.check_fault(f).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: fault {} ({}): {e}",
+                    path.display(),
+                    i + 1,
+                    f.kind.name()
+                )
+            })?;
         }
         for (i, a) in scenario.anomalies.iter().enumerate() {
             scenario
@@ -408,7 +413,9 @@ impl Scenario {
 
     /// Whether any fault cuts the broker link (so the run needs a broker gate).
     pub fn has_broker_outage(&self) -> bool {
-        self.faults.iter().any(|f| f.kind == FaultKind::BrokerOutage)
+        self.faults
+            .iter()
+            .any(|f| f.kind == FaultKind::BrokerOutage)
     }
 
     /// The faults and anomalies of profile `index`, each with the devices it picked (drawn

@@ -108,7 +108,9 @@ pub struct MqttWatch {
 /// `mqtt://HOST[:PORT]` to (host, port).
 fn parse_mqtt_url(url: &str) -> anyhow::Result<(String, u16)> {
     let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
-        anyhow::anyhow!("--verify-mqtt {url:?}: expected mqtt://HOST[:PORT] (TLS is not supported here)")
+        anyhow::anyhow!(
+            "--verify-mqtt {url:?}: expected mqtt://HOST[:PORT] (TLS is not supported here)"
+        )
     })?;
     let rest = rest.trim_end_matches('/');
     match rest.rsplit_once(':') {
@@ -208,9 +210,7 @@ impl MqttWatch {
         };
         let empty = HashMap::new();
         for o in &report.outcomes {
-            let published = seen
-                .get(&(o.device_id.clone(), o.epoch))
-                .unwrap_or(&empty);
+            let published = seen.get(&(o.device_id.clone(), o.epoch)).unwrap_or(&empty);
             for seq in 1..=o.last_acked_seq {
                 if o.result_seqs.contains(&seq) {
                     continue;

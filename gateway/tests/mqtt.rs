@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::mqtt::{BrokerKind, Subscriber, TestBroker};
-use firmware_sim::gate::Gate;
 use common::*;
+use firmware_sim::gate::Gate;
 use gateway::config::{BacklogPolicy, Config};
 use rumqttc::QoS;
 

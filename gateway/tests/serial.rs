@@ -4,80 +4,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::mqtt::{BrokerKind, Subscriber, TestBroker};
+use common::pty::PtyPair;
 use common::*;
 use firmware_sim::serial::{Noise, SerialTarget};
 use gateway::config::SerialPortConfig;
 use rumqttc::QoS;
-
-/// A pair of linked ptys: the gateway opens `gw`, the simulated device `dev`.
-struct PtyPair {
-    child: Option<tokio::process::Child>,
-    gw: PathBuf,
-    dev: PathBuf,
-}
-
-fn socat() -> Option<&'static str> {
-    ["/usr/bin/socat", "/usr/local/bin/socat"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-}
-
-impl PtyPair {
-    async fn start(dir: &Path) -> Option<Self> {
-        if socat().is_none() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "socat is not installed, and CI is set (.ci/run installs it)"
-            );
-            eprintln!("SKIPPED: socat is not installed (apt-get install socat)");
-            return None;
-        }
-        let mut pair = Self {
-            child: None,
-            gw: dir.join("gw"),
-            dev: dir.join("dev"),
-        };
-        pair.restart().await;
-        Some(pair)
-    }
-
-    async fn restart(&mut self) {
-        let link = |p: &Path| format!("pty,raw,echo=0,link={}", p.display());
-        let child = tokio::process::Command::new(socat().unwrap())
-            .args([link(&self.gw), link(&self.dev)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start socat");
-        self.child = Some(child);
-        for _ in 0..500 {
-            if self.gw.exists() && self.dev.exists() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("socat did not create the ptys");
-    }
-
-    async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
-        for _ in 0..500 {
-            if !self.gw.exists() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
 
 fn serial_fleet(
     addr: std::net::SocketAddr,
