@@ -17,6 +17,8 @@ use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use tracing::Instrument;
+
 use super::state::{SessionState, Step};
 use super::{LinkKind, Shared};
 use crate::auth::AuthError;
@@ -64,7 +66,7 @@ fn message(body: gateway_message::Body) -> GatewayMessage {
 /// `peer` names it in logs ("tcp 127.0.0.1:5555").
 pub async fn run<L>(
     shared: Arc<Shared>,
-    mut link: L,
+    link: L,
     kind: LinkKind,
     peer: String,
     shutdown: CancellationToken,
@@ -73,8 +75,25 @@ pub async fn run<L>(
         + Sink<GatewayMessage, Error = CodecError>
         + Unpin,
 {
-    let span = tracing::debug_span!("link", %peer, device = tracing::field::Empty);
-    let _enter = span.enter();
+    // Every line a link logs names its peer and, once known, its device. Info level, so a
+    // warning about a bad frame says whose it was.
+    let span = tracing::info_span!("link", %peer, device = tracing::field::Empty);
+    run_in(shared, link, kind, shutdown, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn run_in<L>(
+    shared: Arc<Shared>,
+    mut link: L,
+    kind: LinkKind,
+    shutdown: CancellationToken,
+    span: tracing::Span,
+) where
+    L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
+        + Sink<GatewayMessage, Error = CodecError>
+        + Unpin,
+{
     let mut session = Session {
         shared: &shared,
         kind: kind.as_str(),
