@@ -438,10 +438,10 @@ impl Device {
                 write.write_all(&garbage).await.err().map(|_| LinkEnd::Lost)
             }
             Action::Oversize => {
-                // Announces 16 MiB, far above any gateway's max_frame.
+                // Announces 16 MiB, far above any gateway's max_frame; the gateway refuses it
+                // from the prefix alone.
                 let mut prefix = BytesMut::new();
                 prost::encoding::encode_varint(16 << 20, &mut prefix);
-                prefix.extend_from_slice(&[0u8; 64]);
                 write.write_all(&prefix).await.err().map(|_| LinkEnd::Lost)
             }
             Action::WrongToken => {
