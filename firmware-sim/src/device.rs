@@ -154,6 +154,29 @@ pub struct DeviceOutcome {
     pub labels: Vec<Label>,
 }
 
+impl DeviceOutcome {
+    /// Nothing sent yet in this epoch.
+    fn fresh(device_id: &str, epoch: u64, readings_per_frame: u64) -> Self {
+        Self {
+            device_id: device_id.to_owned(),
+            epoch,
+            frames_sent: 0,
+            frames_acked: 0,
+            readings_acked: 0,
+            last_acked_seq: 0,
+            results_acked: 0,
+            result_seqs: Vec::new(),
+            readings_per_frame,
+            commands_received: Vec::new(),
+            commands_repeated: 0,
+            unacked: 0,
+            gave_up: None,
+            lost_in_reboot: 0,
+            labels: Vec::new(),
+        }
+    }
+}
+
 pub(crate) struct Pending {
     pub(crate) seq: u64,
     /// Length-delimited encoding (the TCP frame); serial re-frames the message inside.
@@ -286,23 +309,7 @@ impl Device {
             Some(sensors) => sensors.iter().map(|s| s.waveform.start()).collect(),
             None => Vec::new(),
         };
-        let outcome = DeviceOutcome {
-            device_id: spec.id.clone(),
-            epoch: spec.epoch,
-            frames_sent: 0,
-            frames_acked: 0,
-            readings_acked: 0,
-            last_acked_seq: 0,
-            results_acked: 0,
-            result_seqs: Vec::new(),
-            readings_per_frame: spec.readings as u64,
-            commands_received: Vec::new(),
-            commands_repeated: 0,
-            unacked: 0,
-            gave_up: None,
-            lost_in_reboot: 0,
-            labels: Vec::new(),
-        };
+        let outcome = DeviceOutcome::fresh(&spec.id, spec.epoch, spec.readings as u64);
         let mut rng = match spec.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_rng(&mut rand::rng()),
@@ -388,23 +395,7 @@ impl Device {
         let readings_per_frame = self.outcome.readings_per_frame;
         let mut old = std::mem::replace(
             &mut self.outcome,
-            DeviceOutcome {
-                epoch: next_epoch,
-                frames_sent: 0,
-                frames_acked: 0,
-                readings_acked: 0,
-                last_acked_seq: 0,
-                results_acked: 0,
-                result_seqs: Vec::new(),
-                commands_received: Vec::new(),
-                commands_repeated: 0,
-                unacked: 0,
-                gave_up: None,
-                lost_in_reboot: 0,
-                labels: Vec::new(),
-                device_id: self.spec.id.clone(),
-                readings_per_frame,
-            },
+            DeviceOutcome::fresh(&self.spec.id, next_epoch, readings_per_frame),
         );
         old.lost_in_reboot = lost;
         self.earlier.push(old);
