@@ -84,6 +84,35 @@ async fn device_retransmits_are_acked_again_and_stored_once() {
 }
 
 #[tokio::test]
+async fn a_device_that_half_closes_after_its_last_frame_still_gets_its_acks() {
+    let gw = TestGateway::start(|_| {}).await;
+    let mut dev = RawClient::connect(gw.addr).await;
+    assert_eq!(dev.hello("batch-uploader", 7).await, 0);
+    let burst: Vec<u8> = (1..=50)
+        .flat_map(|seq| delimited(&telemetry(seq, &[("t", seq as f64)])))
+        .collect();
+    dev.send_raw(&burst).await;
+    // "That is all I have": the write side closes, the read side stays open.
+    tokio::io::AsyncWriteExt::shutdown(dev.framed.get_mut())
+        .await
+        .unwrap();
+    let mut acked = 0;
+    while let Some(msg) = dev.recv().await {
+        acked = acked.max(ack_seq(Some(msg)));
+    }
+    assert_eq!(acked, 50, "every frame sent before the half-close is acked");
+    let mut conn = open_db(&gw.db).await;
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT COUNT(DISTINCT seq) FROM telemetry WHERE device_id = 'batch-uploader'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(stored, 50);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn events_and_nan_readings_are_stored_and_zero_timestamps_get_the_receive_time() {
     let gw = TestGateway::start(|_| {}).await;
     let mut dev = RawClient::connect(gw.addr).await;

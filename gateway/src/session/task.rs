@@ -314,7 +314,8 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    return self.drain(link, &mut acks).await;
+                    let closed = Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down");
+                    return self.drain(link, &mut acks, closed).await;
                 }
                 _ = registration.superseded.cancelled() => {
                     return Closed::with(ErrorCode::Superseded, "a newer link of this device connected");
@@ -334,7 +335,9 @@ impl Session<'_> {
                 }
                 frame = link.next() => {
                     let msg = match frame {
-                        None => return Closed::quietly("peer closed the link"),
+                        // A device may half-close after its last frame and still read:
+                        // answer what it sent before closing our side.
+                        None => return self.drain(link, &mut acks, Closed::quietly("peer closed the link")).await,
                         Some(Err(e)) => return Closed { code: codec_error_code(&e), reason: e.to_string() },
                         Some(Ok(msg)) => msg,
                     };
@@ -409,8 +412,14 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Shutdown: stop reading, wait (bounded) until what was queued is durable, ack it.
-    async fn drain<L>(&mut self, link: &mut L, acks: &mut watch::Receiver<Durable>) -> Closed
+    /// Shutdown or end of input: stop reading, wait (bounded) until what was queued is
+    /// durable, ack it, and close with `closed`.
+    async fn drain<L>(
+        &mut self,
+        link: &mut L,
+        acks: &mut watch::Receiver<Durable>,
+        closed: Closed,
+    ) -> Closed
     where
         L: Sink<GatewayMessage, Error = CodecError> + Unpin,
     {
@@ -422,12 +431,13 @@ impl Session<'_> {
         {
             warn!(
                 target,
-                "shutdown: queued frames were not committed in time; the device will resend them"
+                reason = %closed.reason,
+                "queued frames were not committed in time; the device will resend them"
             );
         }
-        if let Err(closed) = self.send_ack(link, acks).await {
-            return closed;
+        if let Err(failed) = self.send_ack(link, acks).await {
+            return failed;
         }
-        Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down")
+        closed
     }
 }
