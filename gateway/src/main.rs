@@ -20,9 +20,13 @@ use tokio_util::sync::CancellationToken;
     version,
     about = "Edge IoT gateway: devices in, SQLite store, MQTT out"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// `gateway --listen ...` is `gateway run --listen ...`.
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(clap::Args, Default)]
@@ -139,7 +143,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
+        match cli.command.unwrap_or(Command::Run(cli.run)) {
             Command::Run(args) => run(args).await,
             Command::Devices { command, common } => devices_cmd(command, common).await,
             Command::Broker { listen } => broker_cmd(listen).await,

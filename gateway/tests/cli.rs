@@ -74,6 +74,11 @@ fn a_broken_config_file_is_refused_with_the_field_named() {
     let missing = gateway(&["run", "--config", "/nonexistent/gateway.toml"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("/nonexistent/gateway.toml"));
+
+    // `run` is the default command, options included.
+    let bare = gateway(&["--config", "/nonexistent/gateway.toml"]);
+    assert_eq!(bare.status.code(), Some(1));
+    assert!(text(&bare.stderr).contains("/nonexistent/gateway.toml"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
