@@ -52,7 +52,15 @@ pub struct Metrics {
     pub serial_frames_skipped: AtomicU64,
     /// Links closed with an error frame, by `ErrorCode`.
     link_errors: [AtomicU64; ERROR_CODES],
+    /// By `ErrorCode`: when a close was last logged at WARN (Unix ms, 0: never)...
+    link_error_logged_ms: [AtomicU64; ERROR_CODES],
+    /// ...and how many closes with that code were not logged since.
+    link_errors_unlogged: [AtomicU64; ERROR_CODES],
 }
+
+/// At most one WARN per error code in this window; the rest are counted (and logged at
+/// DEBUG), so a storm of bad devices costs a line a minute, not a line a link.
+pub const LINK_ERROR_LOG_WINDOW_MS: u64 = 60_000;
 
 impl Metrics {
     /// Adds one to a counter.
@@ -72,9 +80,41 @@ impl Metrics {
 
     /// Records a link closed with `code`.
     pub fn record_link_error(&self, code: ErrorCode) {
-        let i = (code as usize).min(ERROR_CODES - 1);
-        let i = if i == ERROR_CODES - 1 { 0 } else { i };
-        self.link_errors[i].fetch_add(1, Ordering::Relaxed);
+        self.link_errors[Self::code_index(code)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a link closed with `code` at `now_ms` should be logged at WARN: `Some(n)`
+    /// with the closes of that code not logged since the last WARN, or `None` (counted)
+    /// within [`LINK_ERROR_LOG_WINDOW_MS`] of it.
+    pub fn link_error_to_log(&self, code: ErrorCode, now_ms: u64) -> Option<u64> {
+        let i = Self::code_index(code);
+        let last = &self.link_error_logged_ms[i];
+        let previous = last.load(Ordering::Relaxed);
+        let due = previous == 0 || now_ms.saturating_sub(previous) >= LINK_ERROR_LOG_WINDOW_MS;
+        // Of links closing at once, the one that moves the stamp logs.
+        if due
+            && last
+                .compare_exchange(
+                    previous,
+                    now_ms.max(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.link_errors_unlogged[i].swap(0, Ordering::Relaxed));
+        }
+        self.link_errors_unlogged[i].fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    fn code_index(code: ErrorCode) -> usize {
+        let i = code as usize;
+        if i < ERROR_CODES {
+            i
+        } else {
+            0
+        }
     }
 
     /// How many links were closed with `code`.
@@ -98,5 +138,37 @@ impl Metrics {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_warn_per_code_per_window_and_the_rest_are_counted() {
+        let m = Metrics::default();
+        let t0 = 1_700_000_000_000;
+        assert_eq!(m.link_error_to_log(ErrorCode::AuthFailed, t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(
+                m.link_error_to_log(ErrorCode::AuthFailed, t0 + i * 1000),
+                None
+            );
+        }
+        // Another code has its own window.
+        assert_eq!(
+            m.link_error_to_log(ErrorCode::BadFraming, t0 + 2000),
+            Some(0)
+        );
+        // After the window the next close logs, saying how many were not.
+        assert_eq!(
+            m.link_error_to_log(ErrorCode::AuthFailed, t0 + LINK_ERROR_LOG_WINDOW_MS),
+            Some(5)
+        );
+        assert_eq!(
+            m.link_error_to_log(ErrorCode::AuthFailed, t0 + LINK_ERROR_LOG_WINDOW_MS + 1),
+            None
+        );
     }
 }

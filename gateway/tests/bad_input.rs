@@ -156,3 +156,33 @@ async fn each_bad_input_gets_its_code_and_closes_while_a_healthy_device_keeps_fl
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_bad_devices_is_one_log_line_and_a_count_not_a_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("gateway.log");
+    let gw = GatewayProcess::start(&dir.path().join("gw.db"), "127.0.0.1:0", &log, &[]).await;
+    for i in 0..25 {
+        let wrong = delimited(&hello(&format!("intruder-{i}"), "not-the-token", 1));
+        expect(gw.addr, wrong, ErrorCode::AuthFailed).await;
+    }
+    expect(gw.addr, vec![0xff; 12], ErrorCode::BadFraming).await;
+    assert!(gw.terminate().await.success());
+
+    let log = std::fs::read_to_string(&log).unwrap();
+    let warned = |code: &str| {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains(code))
+            .count()
+    };
+    assert_eq!(warned("AUTH_FAILED"), 1, "one line for the storm:\n{log}");
+    assert_eq!(warned("BAD_FRAMING"), 1, "other codes still get theirs:\n{log}");
+    let summary = log
+        .lines()
+        .find(|l| l.contains("gateway stopped"))
+        .expect("a summary line at stop");
+    assert!(
+        summary.contains("(\"ERROR_CODE_AUTH_FAILED\", 25)"),
+        "the summary counts every one: {summary}"
+    );
+}

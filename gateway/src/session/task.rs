@@ -123,7 +123,16 @@ async fn run_in<L>(
             ErrorCode::Superseded | ErrorCode::ShuttingDown => {
                 debug!(code = code.as_str_name(), "link closed: {}", closed.reason)
             }
-            _ => warn!(code = code.as_str_name(), "link closed: {}", closed.reason),
+            _ => match shared.metrics.link_error_to_log(code, now_ms() as u64) {
+                Some(0) => warn!(code = code.as_str_name(), "link closed: {}", closed.reason),
+                Some(unlogged) => warn!(
+                    code = code.as_str_name(),
+                    unlogged,
+                    "link closed: {} (and {unlogged} more with this code since the last such line)",
+                    closed.reason
+                ),
+                None => debug!(code = code.as_str_name(), "link closed: {}", closed.reason),
+            },
         }
     } else {
         debug!("link closed: {}", closed.reason);
