@@ -27,7 +27,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use base64::Engine;
 use futures::StreamExt;
-use proto::v1::{gateway_message, ErrorCode, GatewayMessage};
+use prost::Message;
+use proto::v1::{device_message, gateway_message, DeviceMessage, ErrorCode, GatewayMessage};
 use proto::DelimitedCodec;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -195,6 +196,26 @@ struct Conn {
     close_us: Option<u64>,
 }
 
+impl Conn {
+    /// The `device_id` of the Hello this connection starts with, if it does.
+    fn device_id(&self) -> Option<String> {
+        let mut head = Vec::new();
+        for (_, data) in &self.chunks {
+            head.extend_from_slice(data);
+            if let Ok(msg) = DeviceMessage::decode_length_delimited(&head[..]) {
+                return match msg.body {
+                    Some(device_message::Body::Hello(h)) => Some(h.device_id),
+                    _ => None,
+                };
+            }
+            if head.len() > 64 * 1024 {
+                return None;
+            }
+        }
+        None
+    }
+}
+
 /// A recording read back.
 #[derive(Debug)]
 pub struct Recording {
@@ -279,55 +300,37 @@ pub struct ReplayReport {
 
 /// Plays `recording` to the gateway at `gateway`, `speed` times the original pace (0 or
 /// infinity: as fast as possible). After a connection's recorded close, it waits up to 10 s
-/// for the gateway's last answers.
+/// for the gateway's last answers. As fast as possible, one device's connections (known by
+/// the `device_id` of their Hello) run one after another in recorded order: started together,
+/// a later connection's resends could be stored first and an earlier one's frames then
+/// count as already stored.
 pub async fn replay(recording: Recording, gateway: &str, speed: f64) -> ReplayReport {
     let start = Instant::now();
+    let paced = speed > 0.0 && speed.is_finite();
     let at = move |t_us: u64| {
-        if speed > 0.0 && speed.is_finite() {
+        if paced {
             start + Duration::from_micros(t_us).div_f64(speed)
         } else {
             start
         }
     };
+    let mut groups: BTreeMap<String, Vec<Conn>> = BTreeMap::new();
+    for (id, conn) in recording.conns {
+        let key = match (paced, conn.device_id()) {
+            (false, Some(device)) => format!("device {device}"),
+            _ => format!("connection {id}"),
+        };
+        groups.entry(key).or_default().push(conn);
+    }
     let totals = Arc::new(Mutex::new(ReplayReport::default()));
     let mut tasks = tokio::task::JoinSet::new();
-    for (_, conn) in recording.conns {
+    for (_, mut conns) in groups {
+        conns.sort_by_key(|c| c.open_us);
         let gateway = gateway.to_owned();
         let totals = totals.clone();
         tasks.spawn(async move {
-            tokio::time::sleep_until(at(conn.open_us)).await;
-            let Ok(stream) = TcpStream::connect(&gateway).await else {
-                totals
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .connect_failures += 1;
-                return;
-            };
-            let _ = stream.set_nodelay(true);
-            let (read, mut write) = stream.into_split();
-            let answers = tokio::spawn(count_answers(read));
-            let mut sent = 0u64;
-            for (t, data) in &conn.chunks {
-                tokio::time::sleep_until(at(*t)).await;
-                if write.write_all(data).await.is_err() {
-                    break;
-                }
-                sent += data.len() as u64;
-            }
-            if let Some(close) = conn.close_us {
-                tokio::time::sleep_until(at(close)).await;
-            }
-            let _ = write.shutdown().await;
-            let seen = tokio::time::timeout(LINGER, answers).await;
-            let mut totals = totals.lock().unwrap_or_else(|e| e.into_inner());
-            totals.connections += 1;
-            totals.bytes_sent += sent;
-            if let Ok(Ok(seen)) = seen {
-                totals.hello_acks += seen.hello_acks;
-                totals.acks += seen.acks;
-                for (k, v) in seen.errors {
-                    *totals.errors.entry(k).or_default() += v;
-                }
+            for conn in conns {
+                replay_connection(conn, &gateway, at, &totals).await;
             }
         });
     }
@@ -335,6 +338,48 @@ pub async fn replay(recording: Recording, gateway: &str, speed: f64) -> ReplayRe
     let mut report = std::mem::take(&mut *totals.lock().unwrap_or_else(|e| e.into_inner()));
     report.elapsed_s = start.elapsed().as_secs_f64();
     report
+}
+
+async fn replay_connection(
+    conn: Conn,
+    gateway: &str,
+    at: impl Fn(u64) -> Instant,
+    totals: &Mutex<ReplayReport>,
+) {
+    tokio::time::sleep_until(at(conn.open_us)).await;
+    let Ok(stream) = TcpStream::connect(gateway).await else {
+        totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .connect_failures += 1;
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let (read, mut write) = stream.into_split();
+    let answers = tokio::spawn(count_answers(read));
+    let mut sent = 0u64;
+    for (t, data) in &conn.chunks {
+        tokio::time::sleep_until(at(*t)).await;
+        if write.write_all(data).await.is_err() {
+            break;
+        }
+        sent += data.len() as u64;
+    }
+    if let Some(close) = conn.close_us {
+        tokio::time::sleep_until(at(close)).await;
+    }
+    let _ = write.shutdown().await;
+    let seen = tokio::time::timeout(LINGER, answers).await;
+    let mut totals = totals.lock().unwrap_or_else(|e| e.into_inner());
+    totals.connections += 1;
+    totals.bytes_sent += sent;
+    if let Ok(Ok(seen)) = seen {
+        totals.hello_acks += seen.hello_acks;
+        totals.acks += seen.acks;
+        for (k, v) in seen.errors {
+            *totals.errors.entry(k).or_default() += v;
+        }
+    }
 }
 
 async fn count_answers(read: impl AsyncRead + Unpin) -> ReplayReport {

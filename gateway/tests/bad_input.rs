@@ -176,7 +176,11 @@ async fn a_storm_of_bad_devices_is_one_log_line_and_a_count_not_a_line_each() {
             .count()
     };
     assert_eq!(warned("AUTH_FAILED"), 1, "one line for the storm:\n{log}");
-    assert_eq!(warned("BAD_FRAMING"), 1, "other codes still get theirs:\n{log}");
+    assert_eq!(
+        warned("BAD_FRAMING"),
+        1,
+        "other codes still get theirs:\n{log}"
+    );
     let summary = log
         .lines()
         .find(|l| l.contains("gateway stopped"))

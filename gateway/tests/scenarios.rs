@@ -412,6 +412,55 @@ async fn the_proxy_records_field_traffic_for_replay() {
     assert_same_readings(&readings(&replica.db).await, &readings(&site.db).await);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_as_fast_as_possible_keeps_each_devices_reconnections_in_order() {
+    // Each device sent seq 1..=5, lost its link, and resent 3..=8 on the next one.
+    let site = Site::start(&[]).await;
+    let path = site.dir.path().join("reconnects.jsonl");
+    let recorder = Recorder::create(&path).unwrap();
+    let devices = 20;
+    let link = |device: &str, seqs: std::ops::RangeInclusive<u64>| {
+        let token = proto::token::fleet_token(SECRET.as_bytes(), device);
+        let mut bytes = delimited(&hello(device, &token, 7));
+        for seq in seqs {
+            bytes.extend(delimited(&telemetry(seq, &[("t", seq as f64)])));
+        }
+        bytes
+    };
+    for i in 0..devices {
+        let device = format!("re-{i:02}");
+        let first = recorder.open();
+        recorder.data(first, &link(&device, 1..=5));
+        recorder.close(first);
+        let second = recorder.open();
+        recorder.data(second, &link(&device, 3..=8));
+        recorder.close(second);
+    }
+    recorder.finish().unwrap();
+
+    let replayed = firmware_sim::record::replay(
+        Recording::load(&path).unwrap(),
+        &site.gw.addr.to_string(),
+        0.0,
+    )
+    .await;
+    assert_eq!(replayed.connections, 2 * devices);
+    assert!(replayed.errors.is_empty(), "{replayed:?}");
+    let mut conn = open_db(&site.db).await;
+    let stored: Vec<(String, i64)> =
+        sqlx::query_as("SELECT device_id, COUNT(DISTINCT seq) FROM telemetry GROUP BY 1")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), devices as usize);
+    for (device, seqs) in stored {
+        assert_eq!(
+            seqs, 8,
+            "{device}: seq 1..=8 stored, none taken for a duplicate"
+        );
+    }
+}
+
 type Row = (String, i64, i64, String, f64, i64);
 
 /// Equal stores, or the first difference and the sizes.
