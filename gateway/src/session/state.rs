@@ -141,8 +141,15 @@ impl SessionState {
                 "message has no body this gateway knows",
             );
         };
+        // A serial port has no connection to lose: a device that restarts (power, watchdog,
+        // a new epoch) just says Hello again, and that starts a new session on the port.
+        let hello_starts_session = match self.state {
+            State::AwaitingHello => true,
+            State::Active { .. } => self.contiguous,
+            State::Authenticating => false,
+        };
         match (&mut self.state, body) {
-            (State::AwaitingHello, Body::Hello(hello)) => {
+            (_, Body::Hello(hello)) if hello_starts_session => {
                 if let Err(e) = check_name("device_id", &hello.device_id) {
                     return close(ErrorCode::MalformedMessage, e);
                 }
@@ -331,6 +338,25 @@ mod tests {
                 ErrorCode::MalformedMessage
             );
         }
+    }
+
+    #[test]
+    fn a_second_hello_on_a_serial_port_starts_a_new_session() {
+        let mut s = SessionState::new_contiguous();
+        assert!(matches!(
+            s.on_message(msg(0, hello("d1")), 0),
+            Step::Authenticate(_)
+        ));
+        s.activate("d1".into(), 7, 0);
+        match s.on_message(msg(0, hello("d1")), 0) {
+            Step::Authenticate(h) => assert_eq!(h.device_id, "d1"),
+            other => panic!("expected a new authentication, got {other:?}"),
+        }
+        // Until it is authenticated, no data flows.
+        assert_eq!(
+            code(s.on_message(msg(1, telemetry("t", 0)), 0)),
+            ErrorCode::HelloRequired
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use proto::v1::{gateway_message, Ack, Command, ErrorCode, GatewayMessage, HelloAck};
+use proto::v1::{gateway_message, Ack, Command, ErrorCode, GatewayMessage, Hello, HelloAck};
 use proto::CodecError;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
@@ -47,6 +47,14 @@ impl Closed {
             reason: reason.into(),
         }
     }
+}
+
+/// How one session of a link ended.
+enum Ended {
+    /// The link is done.
+    Closed(Closed),
+    /// The device said Hello again on the same link (a serial device that restarted).
+    HelloAgain(Hello),
 }
 
 fn codec_error_code(e: &CodecError) -> Option<ErrorCode> {
@@ -181,7 +189,7 @@ impl Session<'_> {
             _ = shutdown.cancelled() => return Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down"),
             r = timeout(self.hello_timeout, link.next()) => r,
         };
-        let hello = match first {
+        let mut hello = match first {
             Err(_) => {
                 return Closed::with(ErrorCode::HelloTimeout, "no Hello within the hello timeout")
             }
@@ -203,23 +211,54 @@ impl Session<'_> {
                 }
             },
         };
+        loop {
+            match self.session(link, shutdown, span, hello).await {
+                Ended::Closed(closed) => return closed,
+                Ended::HelloAgain(next) => {
+                    debug!("the device said Hello again: a new session on this link");
+                    hello = next;
+                }
+            }
+        }
+    }
+
+    /// One authenticated session of the link, from its Hello.
+    async fn session<L>(
+        &mut self,
+        link: &mut L,
+        shutdown: &CancellationToken,
+        span: &tracing::Span,
+        hello: Hello,
+    ) -> Ended
+    where
+        L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
+            + Sink<GatewayMessage, Error = CodecError>
+            + Unpin,
+    {
+        self.last_forwarded = 0;
+        self.last_acked = 0;
         let device: Arc<str> = Arc::from(hello.device_id.as_str());
         span.record("device", &*device);
         match self.shared.auth.check(&device, &hello.token).await {
             Ok(()) => {}
             Err(AuthError::Failed) => {
-                return Closed::with(ErrorCode::AuthFailed, "unknown device or wrong token")
+                return Ended::Closed(Closed::with(
+                    ErrorCode::AuthFailed,
+                    "unknown device or wrong token",
+                ))
             }
             Err(AuthError::Revoked) => {
-                return Closed::with(ErrorCode::DeviceRevoked, "device is revoked")
+                return Ended::Closed(Closed::with(ErrorCode::DeviceRevoked, "device is revoked"))
             }
             Err(AuthError::Store(e)) => {
-                return Closed::with(ErrorCode::Internal, format!("store: {e}"))
+                return Ended::Closed(Closed::with(ErrorCode::Internal, format!("store: {e}")))
             }
         }
         let last_seq = match devices::last_seq(&self.shared.pool, &device, hello.epoch).await {
             Ok(s) => s,
-            Err(e) => return Closed::with(ErrorCode::Internal, format!("store: {e}")),
+            Err(e) => {
+                return Ended::Closed(Closed::with(ErrorCode::Internal, format!("store: {e}")))
+            }
         };
         let mut registration = self.shared.registry.register(&device, self.kind);
         self.report_status(&device, true, Some(hello.firmware_version.clone()));
@@ -230,7 +269,7 @@ impl Session<'_> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         debug!(epoch = hello.epoch, last_seq, firmware = %hello.firmware_version, "device said hello");
 
-        let closed = self
+        let ended = self
             .active(
                 link,
                 shutdown,
@@ -240,6 +279,10 @@ impl Session<'_> {
                 last_seq,
             )
             .await;
+        let ended = match ended {
+            Ok(closed) => Ended::Closed(closed),
+            Err(hello) => Ended::HelloAgain(hello),
+        };
 
         if self.shared.registry.unregister(&device, registration.conn) {
             self.report_status(&device, false, None);
@@ -248,7 +291,7 @@ impl Session<'_> {
             .metrics
             .sessions_active
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        closed
+        ended
     }
 
     /// Tells the bridge (if any) that the device came or went.
@@ -278,6 +321,9 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The session after Hello: data, acks and commands until the link closes (`Ok`), or
+    /// until a new Hello (a serial device that restarted) as `Err`, once what this session
+    /// queued is durable and acknowledged.
     async fn active<L>(
         &mut self,
         link: &mut L,
@@ -286,7 +332,7 @@ impl Session<'_> {
         device: Arc<str>,
         epoch: u64,
         last_seq: u64,
-    ) -> Closed
+    ) -> Result<Closed, Hello>
     where
         L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
             + Sink<GatewayMessage, Error = CodecError>
@@ -297,7 +343,7 @@ impl Session<'_> {
             server_time_ms: now_ms() as u64,
         }));
         if let Err(closed) = self.send(link, hello_ack).await {
-            return closed;
+            return Ok(closed);
         }
         // Commands that waited for this device (at least once: one may also arrive through
         // the registry; devices treat a repeated id as done).
@@ -305,7 +351,7 @@ impl Session<'_> {
             Ok(waiting) => {
                 for command in waiting {
                     if let Err(closed) = self.deliver(link, &device, command).await {
-                        return closed;
+                        return Ok(closed);
                     }
                 }
             }
@@ -323,31 +369,34 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    let closed = Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down");
-                    return self.drain(link, &mut acks, closed).await;
+                    let drained = Box::pin(self.drain(link, &mut acks)).await;
+                    return Ok(drained.err().unwrap_or_else(|| Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down")));
                 }
                 _ = registration.superseded.cancelled() => {
-                    return Closed::with(ErrorCode::Superseded, "a newer link of this device connected");
+                    return Ok(Closed::with(ErrorCode::Superseded, "a newer link of this device connected"));
                 }
                 Ok(()) = acks.changed() => {
                     if let Err(closed) = self.send_ack(link, &mut acks).await {
-                        return closed;
+                        return Ok(closed);
                     }
                 }
                 Some(command) = registration.commands.recv() => {
                     if let Err(closed) = self.deliver(link, &device, *command).await {
-                        return closed;
+                        return Ok(closed);
                     }
                 }
                 _ = &mut idle => {
-                    return Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}"));
+                    return Ok(Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}")));
                 }
                 frame = link.next() => {
                     let msg = match frame {
                         // A device may half-close after its last frame and still read:
                         // answer what it sent before closing our side.
-                        None => return self.drain(link, &mut acks, Closed::quietly("peer closed the link")).await,
-                        Some(Err(e)) => return Closed { code: codec_error_code(&e), reason: e.to_string() },
+                        None => {
+                            let drained = Box::pin(self.drain(link, &mut acks)).await;
+                            return Ok(drained.err().unwrap_or_else(|| Closed::quietly("peer closed the link")));
+                        }
+                        Some(Err(e)) => return Ok(Closed { code: codec_error_code(&e), reason: e.to_string() }),
                         Some(Ok(msg)) => msg,
                     };
                     idle.as_mut().reset(Instant::now() + idle_timeout);
@@ -362,22 +411,22 @@ impl Session<'_> {
                                 acks: ack_tx.clone(),
                             };
                             if self.shared.writer.send(frame).await.is_err() {
-                                return Closed::with(ErrorCode::ShuttingDown, "the store is closed");
+                                return Ok(Closed::with(ErrorCode::ShuttingDown, "the store is closed"));
                             }
                             self.last_forwarded = seq;
                         }
                         Step::Reply(reply) => {
                             if let Err(closed) = self.send(link, reply).await {
-                                return closed;
+                                return Ok(closed);
                             }
                         }
-                        Step::Close(code, reason) => return Closed::with(code, reason),
+                        Step::Close(code, reason) => return Ok(Closed::with(code, reason)),
                         Step::Repeat(seq) => {
                             // The device missed an ack: say again how far it is durable.
                             if seq <= self.last_acked {
                                 let ack = message(gateway_message::Body::Ack(Ack { seq: self.last_acked }));
                                 if let Err(closed) = self.send(link, ack).await {
-                                    return closed;
+                                    return Ok(closed);
                                 }
                             }
                         }
@@ -385,8 +434,12 @@ impl Session<'_> {
                             self.shared.metrics.inc(&self.shared.metrics.serial_frames_skipped);
                             debug!(seq, "frame past a gap skipped; the device resends from the missing one");
                         }
-                        Step::Authenticate(_) => {
-                            return Closed::with(ErrorCode::UnexpectedHello, "this link already said Hello")
+                        Step::Authenticate(hello) => {
+                            // The device restarted (serial): answer what it sent before.
+                            return match Box::pin(self.drain(link, &mut acks)).await {
+                                Ok(()) => Err(hello),
+                                Err(closed) => Ok(closed),
+                            };
                         }
                     }
                 }
@@ -421,14 +474,14 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Shutdown or end of input: stop reading, wait (bounded) until what was queued is
-    /// durable, ack it, and close with `closed`.
+    /// The end of a session (shutdown, end of input, a new Hello): stop reading, wait
+    /// (bounded) until what was queued is durable, and acknowledge it. `Err` when the link
+    /// failed on the way.
     async fn drain<L>(
         &mut self,
         link: &mut L,
         acks: &mut watch::Receiver<Durable>,
-        closed: Closed,
-    ) -> Closed
+    ) -> Result<(), Closed>
     where
         L: Sink<GatewayMessage, Error = CodecError> + Unpin,
     {
@@ -440,13 +493,9 @@ impl Session<'_> {
         {
             warn!(
                 target,
-                reason = %closed.reason,
                 "queued frames were not committed in time; the device will resend them"
             );
         }
-        if let Err(failed) = self.send_ack(link, acks).await {
-            return failed;
-        }
-        closed
+        self.send_ack(link, acks).await
     }
 }
