@@ -275,9 +275,9 @@ pub struct Device {
     /// Outcomes of epochs before a reboot.
     earlier: Vec<DeviceOutcome>,
     /// Not reading acks until then (slow-reader fault).
-    slow_until: Option<Instant>,
+    pub(crate) slow_until: Option<Instant>,
     /// Stay off until then before reconnecting (storm, reboot).
-    hold_until: Option<Instant>,
+    pub(crate) hold_until: Option<Instant>,
     /// Present a wrong token at the next Hello (wrong-token fault).
     wrong_token: bool,
     /// Frames still to send at once (burst fault).
@@ -585,6 +585,17 @@ impl Device {
     }
 
     /// The report period with this device's jitter applied.
+    /// When to send the next frame after one due at `previous`: at once while a burst
+    /// lasts, otherwise a (jittered) period on.
+    pub(crate) fn next_send_at(&mut self, previous: Instant, period: Option<Duration>) -> Instant {
+        if self.burst_left > 0 {
+            self.burst_left -= 1;
+            Instant::now()
+        } else {
+            next_due(previous, self.jittered(period))
+        }
+    }
+
     pub(crate) fn jittered(&mut self, period: Option<Duration>) -> Option<Duration> {
         let j = self.spec.jitter.clamp(0.0, 1.0);
         period.map(|p| {
@@ -854,12 +865,7 @@ impl Device {
                         }
                         last_write = Instant::now();
                     }
-                    next_send = if self.burst_left > 0 {
-                        self.burst_left -= 1;
-                        Instant::now()
-                    } else {
-                        next_due(next_send, self.jittered(period))
-                    };
+                    next_send = self.next_send_at(next_send, period);
                 }
                 _ = sleep_until(last_write + self.spec.keepalive) => {
                     let ping = encode(&DeviceMessage { seq: 0, body: Some(Body::Ping(Ping {})) });

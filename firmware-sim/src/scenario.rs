@@ -329,12 +329,7 @@ impl Scenario {
             return Err("share must be 0 to 1".into());
         }
         if let Some(name) = &f.profile {
-            let p = self.profile(name)?;
-            if p.transport == Transport::Serial {
-                return Err(format!(
-                    "profile {name:?} is serial; faults apply to TCP profiles (serial noise is `corrupt` and `drop_bytes`)"
-                ));
-            }
+            self.profile(name)?;
         }
         let needs = |field: &str, present: bool| {
             if present {
@@ -430,10 +425,7 @@ impl Scenario {
                 .map(|s| s.wrapping_add(n as u64))
         };
         for (n, f) in self.faults.iter().enumerate() {
-            let applies = match &f.profile {
-                Some(name) => name == &p.name,
-                None => p.transport == Transport::Tcp,
-            };
+            let applies = f.profile.as_ref().is_none_or(|name| name == &p.name);
             let action = match f.kind {
                 FaultKind::Storm => Action::Storm(f.down.unwrap_or_default()),
                 FaultKind::Reboot => Action::Reboot,

@@ -15,11 +15,12 @@ use proto::serial::{encode_frame, SerialCodec};
 use proto::v1::{device_message::Body, gateway_message, DeviceMessage, GatewayMessage, Ping};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
-use tokio::time::{sleep, sleep_until, Instant};
+use tokio::time::{sleep_until, Instant};
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::codec::Framed;
 
-use crate::device::{next_due, Device, DeviceOutcome, LinkEnd, Timing};
+use crate::device::{Device, DeviceOutcome, LinkEnd, Timing};
+use crate::timeline::Action;
 
 /// With no ack for this long, resend everything unacknowledged.
 pub const ACK_TIMEOUT: Duration = Duration::from_millis(250);
@@ -83,6 +84,7 @@ impl Device {
         noise: Noise,
         timing: Timing,
     ) -> Vec<DeviceOutcome> {
+        self.plan(timing.origin);
         sleep_until(timing.start_at).await;
         let mut first = true;
         loop {
@@ -102,8 +104,13 @@ impl Device {
                     break;
                 }
                 LinkEnd::Lost => {
+                    // A fault (cable pulled, reboot) says when to come back.
+                    let until = self
+                        .hold_until
+                        .take()
+                        .unwrap_or_else(|| Instant::now() + Duration::from_millis(200));
                     tokio::select! {
-                        _ = sleep(Duration::from_millis(200)) => {}
+                        _ = sleep_until(until) => {}
                         _ = sleep_until(timing.drain_until) => break,
                     }
                 }
@@ -174,9 +181,22 @@ impl Device {
             let answer_ready = !self.answers.is_empty() && self.pending.len() < window;
             let answer_due = self.answers.front().map_or_else(Instant::now, |a| a.0);
             let resend_due = last_progress + ACK_TIMEOUT;
+            let now = Instant::now();
+            let fault_at = self.next_fault_at();
+            let slow_until = self.slow_until.filter(|u| *u > now);
             tokio::select! {
                 biased;
-                msg = port.next() => match msg {
+                _ = sleep_until(fault_at.unwrap_or(now)), if fault_at.is_some() => {
+                    let Some(action) = self.take_fault() else { continue };
+                    if let Some(end) = self.serial_fault(action, &mut port).await {
+                        return end;
+                    }
+                    if matches!(action, Action::Burst(_)) {
+                        next_send = Instant::now();
+                    }
+                }
+                _ = sleep_until(slow_until.unwrap_or(now)), if slow_until.is_some() => {}
+                msg = port.next(), if slow_until.is_none() => match msg {
                     Some(Ok(Ok(GatewayMessage { body: Some(gateway_message::Body::Ack(ack)) }))) => {
                         let before = self.pending.len();
                         self.acked(ack.seq);
@@ -214,7 +234,7 @@ impl Device {
                         }
                         last_write = Instant::now();
                     }
-                    next_send = next_due(next_send, self.jittered(period));
+                    next_send = self.next_send_at(next_send, period);
                 }
                 _ = sleep_until(last_write + self.spec.keepalive) => {
                     let mut ping = BytesMut::new();
@@ -226,6 +246,27 @@ impl Device {
                 }
             }
         }
+    }
+
+    /// A fault on a serial line. Garbage and oversize frames end with the terminator, so
+    /// the gateway drops them as one bad frame each; the rest are as over TCP (a storm is the
+    /// cable pulled for `down`, a reboot says Hello again in a new epoch).
+    async fn serial_fault(&mut self, action: Action, port: &mut Port) -> Option<LinkEnd> {
+        let junk = match action {
+            Action::Corrupt => vec![0x04, 0x0F, 0xFF, 0xFF, 0xFF, 0x00],
+            // Larger than any gateway's serial frame limit.
+            Action::Oversize => {
+                let mut big = vec![0x55; 80 * 1024];
+                big.push(0x00);
+                big
+            }
+            _ => return self.commit(action, port.get_mut()).await,
+        };
+        port.get_mut()
+            .write_all(&junk)
+            .await
+            .err()
+            .map(|_| LinkEnd::Lost)
     }
 
     async fn send_new_serial(

@@ -313,6 +313,20 @@ async fn noisy_serial_lines_next_to_tcp_lose_nothing() {
     let report = run_and_verify(&scenario, &site, None, None).await;
     assert_eq!(report.devices, 6);
     assert!(report.frames_resent > 0, "noise made devices resend");
+    assert_eq!(report.reboots, 1, "{}", report.to_table());
+    // The rebooted serial device said Hello again on its open port: a second epoch stored.
+    let mut conn = open_db(&site.db).await;
+    let epochs: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT device_id, COUNT(DISTINCT epoch) FROM telemetry WHERE device_id LIKE 'rs485-%' GROUP BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        epochs.iter().map(|(_, n)| n).sum::<i64>(),
+        3,
+        "two devices, one rebooted: {epochs:?}"
+    );
 }
 
 /// (device, epoch, seq, sensor, value, ts) of every stored reading.
