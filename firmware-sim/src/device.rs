@@ -22,7 +22,6 @@ use proto::DelimitedCodec;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::FramedRead;
@@ -31,7 +30,9 @@ use crate::record::Tap;
 use crate::report::FleetStats;
 
 /// A device's side of a TCP link, recorded when `--record` asks.
-type Writer = Tap<OwnedWriteHalf>;
+/// Either half of a plain TCP or a TLS connection.
+type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type Writer = Tap<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>;
 use crate::timeline::{Action, AnomalyKind, DeviceAnomaly, Label};
 
 /// Who a device is and how it behaves.
@@ -68,8 +69,10 @@ pub struct DeviceSpec {
     pub schedule: Vec<(Duration, Action)>,
     /// Anomalies in its sensor values, on its own clock.
     pub anomalies: Vec<DeviceAnomaly>,
-    /// Records what it sends over TCP (`--record`).
+    /// Records what it sends over TCP (`--record`; over TLS, what it sends inside it).
     pub recorder: Option<Arc<crate::record::Recorder>>,
+    /// Connects with TLS; `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 /// How a simulated device answers commands.
@@ -748,7 +751,23 @@ impl Device {
             return LinkEnd::Lost;
         };
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
+        let (read, write): (ReadHalf, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) =
+            match &self.spec.tls {
+                None => {
+                    let (read, write) = stream.into_split();
+                    (Box::new(read), Box::new(write))
+                }
+                Some(tls) => match timeout(Duration::from_secs(10), tls.connect(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let (read, write) = tokio::io::split(stream);
+                        (Box::new(read), Box::new(write))
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        self.stats.record_tls_failure();
+                        return LinkEnd::Lost;
+                    }
+                },
+            };
         let mut write = Tap::new(write, self.spec.recorder.as_ref());
         let mut reader = FramedRead::new(read, DelimitedCodec::<GatewayMessage>::default());
         let hello = encode(&self.hello());
@@ -807,7 +826,7 @@ impl Device {
 
     async fn connected(
         &mut self,
-        reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, DelimitedCodec<GatewayMessage>>,
+        reader: &mut FramedRead<ReadHalf, DelimitedCodec<GatewayMessage>>,
         write: &mut Writer,
         timing: Timing,
     ) -> LinkEnd {
@@ -901,6 +920,7 @@ mod tests {
             schedule: Vec::new(),
             anomalies: Vec::new(),
             recorder: None,
+            tls: None,
         }
     }
 

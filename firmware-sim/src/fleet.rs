@@ -62,6 +62,8 @@ pub struct FleetConfig {
     pub origin: Option<Instant>,
     /// Record what every TCP device sends (`--record`).
     pub recorder: Option<Arc<crate::record::Recorder>>,
+    /// Connect with TLS (`--tls-ca`); `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 impl Default for FleetConfig {
@@ -90,6 +92,7 @@ impl Default for FleetConfig {
             timeline: None,
             origin: None,
             recorder: None,
+            tls: None,
         }
     }
 }
@@ -166,6 +169,7 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
             schedule,
             anomalies,
             recorder: config.recorder.clone(),
+            tls: config.tls.clone(),
         };
         let offset = if ramp.is_zero() {
             Duration::ZERO

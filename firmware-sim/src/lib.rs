@@ -13,6 +13,7 @@ pub mod report;
 pub mod scenario;
 pub mod serial;
 pub mod timeline;
+pub mod tls;
 pub mod verify;
 
 pub use fleet::{run_fleet, FleetConfig};

@@ -58,6 +58,37 @@ struct Checks {
     json: bool,
 }
 
+/// TLS to the gateway, shared by `run` and `scenario`.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Connect with TLS, trusting the CA certificates in this PEM file (the gateway runs with
+    /// --tls-cert/--tls-key).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Name to check on the gateway's certificate (default: the host of --gateway).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The TLS client for `gateway`, or `None` for plain TCP; exits 2 on a bad CA file.
+    fn client(&self, gateway: &str) -> Result<Option<firmware_sim::tls::TlsClient>, ExitCode> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let name = self
+            .tls_server_name
+            .as_deref()
+            .unwrap_or_else(|| firmware_sim::tls::TlsClient::host_of(gateway));
+        firmware_sim::tls::TlsClient::new(ca, name)
+            .map(Some)
+            .map_err(|e| {
+                eprintln!("firmware-sim: {e:#}");
+                ExitCode::from(2)
+            })
+    }
+}
+
 #[derive(clap::Args)]
 struct ScenarioArgs {
     /// The scenario file (TOML; see firmware-sim/scenarios/).
@@ -85,6 +116,8 @@ struct ScenarioArgs {
     /// Write the anomaly labels as JSON lines to this file.
     #[arg(long, value_name = "OUT")]
     labels: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     checks: Checks,
 }
@@ -207,6 +240,8 @@ struct RunArgs {
     #[arg(long)]
     seed: Option<u64>,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     checks: Checks,
 }
 
@@ -241,6 +276,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let tls = match args.tls.client(&args.gateway) {
+        Ok(tls) => tls,
+        Err(code) => return code,
+    };
     let config = match (
         seconds("duration", args.duration),
         seconds("drain", args.drain),
@@ -281,6 +320,7 @@ fn run(args: RunArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
                     failure_rate: args.command_failure_rate,
                     ignore: args.ignore_commands,
                 },
+                tls,
                 ..FleetConfig::default()
             }
         }
@@ -308,6 +348,10 @@ fn scenario(args: ScenarioArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         }
     };
     scenario.resolve_ports(&args.ports_dir);
+    let tls = match args.tls.client(&args.gateway) {
+        Ok(tls) => tls,
+        Err(code) => return code,
+    };
     let gate = match args.broker_gate.as_deref().map(|g| g.split_once('=')) {
         None => None,
         Some(Some((listen, upstream))) => {
@@ -329,6 +373,7 @@ fn scenario(args: ScenarioArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         fleet_secret: args.fleet_secret,
         token: args.token,
         seed: args.seed,
+        tls,
         ..FleetConfig::default()
     };
     // The gate outlives the run: after it, the gateway's backlog still crosses it for

@@ -55,8 +55,15 @@ impl FleetStats {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn record_error(&self, code: ErrorCode) {
+        self.count_error(code.as_str_name());
+    }
+    /// A TLS handshake with the gateway failed (counted as `TLS_HANDSHAKE_FAILED`).
+    pub(crate) fn record_tls_failure(&self) {
+        self.count_error("TLS_HANDSHAKE_FAILED");
+    }
+    fn count_error(&self, name: &str) {
         let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
-        *errors.entry(code.as_str_name().to_owned()).or_default() += 1;
+        *errors.entry(name.to_owned()).or_default() += 1;
     }
     pub(crate) fn record_acks(&self, latencies: &[Duration]) {
         if latencies.is_empty() {

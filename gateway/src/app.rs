@@ -43,6 +43,13 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         fleet_secret,
         metrics,
     } = inputs;
+    let tls = match &config.tcp.tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+            &t.cert_file,
+            &t.key_file,
+        )?)),
+        None => None,
+    };
     let db_path = config.db_path();
     let store = Store::open(&db_path, config.store.durability)
         .await
@@ -134,6 +141,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         listener,
         shared.clone(),
         config.tcp.max_frame_bytes,
+        tls,
         shutdown.clone(),
     )
     .await;

@@ -180,6 +180,8 @@ pub struct TcpConfig {
     /// Largest frame a device may send, in bytes (the length prefix excluded). Default
     /// 65536. A larger frame gets `ERROR_CODE_FRAME_TOO_LARGE` and the link closes.
     pub max_frame_bytes: usize,
+    /// `[tcp.tls]`: devices connect with TLS instead of plain TCP. Unset: plain TCP.
+    pub tls: Option<TcpTlsConfig>,
 }
 
 impl Default for TcpConfig {
@@ -187,8 +189,20 @@ impl Default for TcpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             max_frame_bytes: proto::DEFAULT_MAX_FRAME_LEN,
+            tls: None,
         }
     }
+}
+
+/// `[tcp.tls]`: the device listener's certificate. Devices still authenticate with their
+/// token in Hello; TLS keeps tokens and readings private on the site network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpTlsConfig {
+    /// PEM file with the gateway's certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// How a Hello's token is checked.

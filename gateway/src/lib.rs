@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod registry;
 pub mod session;
 pub mod store;
+pub mod tls;

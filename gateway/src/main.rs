@@ -101,6 +101,13 @@ struct RunArgs {
     /// This gateway's id in MQTT topics (overrides mqtt.gateway_id; default: the host name).
     #[arg(long)]
     gateway_id: Option<String>,
+    /// Devices connect with TLS: the gateway's certificate chain, PEM (sets tcp.tls.cert_file;
+    /// needs --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM (sets tcp.tls.key_file).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Run without the MQTT bridge (sets mqtt.enabled = false).
     #[arg(long, conflicts_with = "mqtt")]
     no_mqtt: bool,
@@ -258,7 +265,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .serial
             .push(gateway::config::SerialPortConfig::from_arg(arg).map_err(anyhow::Error::msg)?);
     }
+    match (args.tls_cert, args.tls_key) {
+        (Some(cert_file), Some(key_file)) => {
+            config.tcp.tls = Some(gateway::config::TcpTlsConfig {
+                cert_file,
+                key_file,
+            })
+        }
+        (None, None) => {}
+        _ => bail!("--tls-cert and --tls-key go together"),
+    }
     config.validate()?;
+    if let Some(tls) = &config.tcp.tls {
+        // Refuse a bad certificate before listening, naming the file.
+        gateway::tls::server_config(&tls.cert_file, &tls.key_file)?;
+    }
 
     let fleet_secret = match (
         &config.auth.mode,
@@ -299,7 +320,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             port.baud
         );
     }
-    println!("devices: listening on tcp://{local}");
+    match &config.tcp.tls {
+        Some(_) => println!("devices: listening on tls://{local}"),
+        None => println!("devices: listening on tcp://{local}"),
+    }
 
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;

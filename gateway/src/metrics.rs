@@ -52,15 +52,51 @@ pub struct Metrics {
     pub serial_frames_skipped: AtomicU64,
     /// Links closed with an error frame, by `ErrorCode`.
     link_errors: [AtomicU64; ERROR_CODES],
-    /// By `ErrorCode`: when a close was last logged at WARN (Unix ms, 0: never)...
-    link_error_logged_ms: [AtomicU64; ERROR_CODES],
-    /// ...and how many closes with that code were not logged since.
-    link_errors_unlogged: [AtomicU64; ERROR_CODES],
+    /// TLS handshakes on the device listener that failed or timed out.
+    pub tls_handshake_failures: AtomicU64,
+    /// WARN lines for link closes, by `ErrorCode`.
+    link_error_log: [Throttle; ERROR_CODES],
+    /// WARN lines for failed TLS handshakes.
+    pub tls_failure_log: Throttle,
 }
 
 /// At most one WARN per error code in this window; the rest are counted (and logged at
 /// DEBUG), so a storm of bad devices costs a line a minute, not a line a link.
 pub const LINK_ERROR_LOG_WINDOW_MS: u64 = 60_000;
+
+/// One kind of WARN line, at most once per [`LINK_ERROR_LOG_WINDOW_MS`].
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// When it was last logged (Unix ms, 0: never).
+    logged_ms: AtomicU64,
+    /// Occurrences not logged since.
+    unlogged: AtomicU64,
+}
+
+impl Throttle {
+    /// Whether an occurrence at `now_ms` should be logged: `Some(n)` with the occurrences
+    /// not logged since the last line, or `None` (counted) within the window of it.
+    pub fn check(&self, now_ms: u64) -> Option<u64> {
+        let previous = self.logged_ms.load(Ordering::Relaxed);
+        let due = previous == 0 || now_ms.saturating_sub(previous) >= LINK_ERROR_LOG_WINDOW_MS;
+        // Of occurrences at once, the one that moves the stamp logs.
+        if due
+            && self
+                .logged_ms
+                .compare_exchange(
+                    previous,
+                    now_ms.max(1),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.unlogged.swap(0, Ordering::Relaxed));
+        }
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
 
 impl Metrics {
     /// Adds one to a counter.
@@ -87,25 +123,7 @@ impl Metrics {
     /// with the closes of that code not logged since the last WARN, or `None` (counted)
     /// within [`LINK_ERROR_LOG_WINDOW_MS`] of it.
     pub fn link_error_to_log(&self, code: ErrorCode, now_ms: u64) -> Option<u64> {
-        let i = Self::code_index(code);
-        let last = &self.link_error_logged_ms[i];
-        let previous = last.load(Ordering::Relaxed);
-        let due = previous == 0 || now_ms.saturating_sub(previous) >= LINK_ERROR_LOG_WINDOW_MS;
-        // Of links closing at once, the one that moves the stamp logs.
-        if due
-            && last
-                .compare_exchange(
-                    previous,
-                    now_ms.max(1),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            return Some(self.link_errors_unlogged[i].swap(0, Ordering::Relaxed));
-        }
-        self.link_errors_unlogged[i].fetch_add(1, Ordering::Relaxed);
-        None
+        self.link_error_log[Self::code_index(code)].check(now_ms)
     }
 
     fn code_index(code: ErrorCode) -> usize {

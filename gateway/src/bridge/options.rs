@@ -3,12 +3,12 @@
 //! and the gateway's Last Will. Clean sessions: after every reconnect the bridge replays from
 //! its durable cursor, so nothing depends on the broker remembering a session.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 
 use crate::config::MqttConfig;
+use crate::tls::{self, PemError};
 
 /// Why the MQTT settings could not be turned into a connection.
 #[derive(Debug, thiserror::Error)]
@@ -17,15 +17,8 @@ pub enum OptionsError {
     #[error("mqtt.url {0:?}: expected mqtt://host[:port] or mqtts://host[:port]")]
     Url(String),
     /// A certificate or key file could not be read or parsed.
-    #[error("{field} {path}: {reason}")]
-    Pem {
-        /// The config field naming the file.
-        field: &'static str,
-        /// The file.
-        path: String,
-        /// What went wrong.
-        reason: String,
-    },
+    #[error(transparent)]
+    Pem(#[from] PemError),
     /// rustls refused the certificates.
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
@@ -58,35 +51,12 @@ pub fn parse_url(url: &str) -> Result<(String, u16, bool), OptionsError> {
     Ok((host.to_owned(), port, tls))
 }
 
-fn read_pem(field: &'static str, path: &Path) -> Result<Vec<u8>, OptionsError> {
-    std::fs::read(path).map_err(|e| OptionsError::Pem {
-        field,
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
-}
-
 fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, OptionsError> {
     let mut roots = rustls::RootCertStore::empty();
     match &config.ca_file {
         Some(path) => {
-            let pem = read_pem("mqtt.ca_file", path)?;
-            let mut found = 0;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| OptionsError::Pem {
-                    field: "mqtt.ca_file",
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+            for cert in tls::certificates("mqtt.ca_file", path)? {
                 roots.add(cert)?;
-                found += 1;
-            }
-            if found == 0 {
-                return Err(OptionsError::Pem {
-                    field: "mqtt.ca_file",
-                    path: path.display().to_string(),
-                    reason: "no certificates in the file".into(),
-                });
             }
         }
         None => {
@@ -106,25 +76,8 @@ fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, OptionsError>
         .with_root_certificates(roots);
     match (&config.client_cert, &config.client_key) {
         (Some(cert_path), Some(key_path)) => {
-            let pem_err = |field: &'static str, path: &Path, reason: String| OptionsError::Pem {
-                field,
-                path: path.display().to_string(),
-                reason,
-            };
-            let cert_pem = read_pem("mqtt.client_cert", cert_path)?;
-            let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_err("mqtt.client_cert", cert_path, e.to_string()))?;
-            let key_pem = read_pem("mqtt.client_key", key_path)?;
-            let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-                .map_err(|e| pem_err("mqtt.client_key", key_path, e.to_string()))?
-                .ok_or_else(|| {
-                    pem_err(
-                        "mqtt.client_key",
-                        key_path,
-                        "no private key in the file".into(),
-                    )
-                })?;
+            let certs = tls::certificates("mqtt.client_cert", cert_path)?;
+            let key = tls::private_key("mqtt.client_key", key_path)?;
             Ok(builder.with_client_auth_cert(certs, key)?)
         }
         _ => Ok(builder.with_no_client_auth()),

@@ -1,17 +1,22 @@
-//! The TCP accept loop: one session task per connection, framed with the delimited codec.
+//! The TCP accept loop: one session task per connection, framed with the delimited codec,
+//! over TLS when `[tcp.tls]` is set (the handshake runs in the connection's task, never in
+//! the accept loop).
 //!
 //! Accept errors (such as running out of file descriptors) are logged once per burst and
 //! retried after a pause; they never stop the listener. On shutdown the loop stops accepting
 //! and returns the set of running sessions for the caller to drain.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use proto::v1::DeviceMessage;
 use proto::DelimitedCodec;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
@@ -25,10 +30,12 @@ const READ_BUFFER: usize = 512;
 const WRITE_BUFFER: usize = 64;
 
 /// Accepts devices on `listener` until `shutdown`; returns the sessions still running.
+/// With `tls`, every connection first completes a TLS handshake (within the hello timeout).
 pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     max_frame_bytes: usize,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
     let mut sessions = JoinSet::new();
@@ -43,12 +50,7 @@ pub async fn accept_loop(
                     accept_errors_logged = false;
                     shared.metrics.inc(&shared.metrics.connections_accepted);
                     let _ = stream.set_nodelay(true);
-                    let mut link = Framed::new(stream, DelimitedCodec::<DeviceMessage>::new(max_frame_bytes));
-                    // tokio-util starts each buffer at 8 KiB; most links are idle or send small
-                    // frames, so start small (they grow for large frames). 16 KiB -> under 1 KiB a link.
-                    *link.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER);
-                    *link.write_buffer_mut() = BytesMut::with_capacity(WRITE_BUFFER);
-                    sessions.spawn(task::run(shared.clone(), link, LinkKind::Tcp, format!("tcp {peer}"), shutdown.clone()));
+                    sessions.spawn(serve_connection(shared.clone(), stream, peer, tls.clone(), max_frame_bytes, shutdown.clone()));
                 }
                 Err(e) => {
                     if !accept_errors_logged {
@@ -61,4 +63,54 @@ pub async fn accept_loop(
         }
     }
     sessions
+}
+
+/// Frames a device stream with small starting buffers: tokio-util starts each at 8 KiB, but
+/// most links are idle or send small frames (the buffers grow for large ones).
+fn framed<S: AsyncRead + AsyncWrite>(
+    stream: S,
+    max_frame_bytes: usize,
+) -> Framed<S, DelimitedCodec<DeviceMessage>> {
+    let mut link = Framed::new(stream, DelimitedCodec::new(max_frame_bytes));
+    *link.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER);
+    *link.write_buffer_mut() = BytesMut::with_capacity(WRITE_BUFFER);
+    link
+}
+
+/// One accepted connection: the TLS handshake if the listener has TLS, then the session.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    max_frame_bytes: usize,
+    shutdown: CancellationToken,
+) {
+    let Some(acceptor) = tls else {
+        let link = framed(stream, max_frame_bytes);
+        return task::run(shared, link, LinkKind::Tcp, format!("tcp {peer}"), shutdown).await;
+    };
+    let handshake = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout(shared.config.hello_timeout, acceptor.accept(stream)) => r,
+    };
+    let failure = match handshake {
+        Ok(Ok(stream)) => {
+            let link = framed(stream, max_frame_bytes);
+            return task::run(shared, link, LinkKind::Tcp, format!("tls {peer}"), shutdown).await;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no TLS handshake within the hello timeout".to_owned(),
+    };
+    // No error frame is possible before TLS is up: count it, log it (throttled), close.
+    let metrics = &shared.metrics;
+    metrics.inc(&metrics.tls_handshake_failures);
+    match metrics.tls_failure_log.check(crate::store::now_ms() as u64) {
+        Some(unlogged) => tracing::warn!(
+            %peer,
+            unlogged,
+            "TLS handshake failed: {failure} (a device without TLS, or one that does not trust this certificate?)"
+        ),
+        None => tracing::debug!(%peer, "TLS handshake failed: {failure}"),
+    }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod mqtt;
+pub mod pki;
 pub mod pty;
 
 use std::net::SocketAddr;

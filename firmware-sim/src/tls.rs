@@ -1,0 +1,71 @@
+//! Devices that connect to the gateway with TLS (`--tls-ca`): a CA to trust and the name to
+//! check on the gateway's certificate.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// How a simulated device opens TLS to the gateway.
+#[derive(Clone)]
+pub struct TlsClient {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsClient {
+    /// Trusts the certificates in the PEM file `ca_file` and checks the gateway's certificate
+    /// for `server_name` (a DNS name or an IP address).
+    pub fn new(ca_file: &Path, server_name: &str) -> anyhow::Result<Self> {
+        let pem =
+            std::fs::read(ca_file).with_context(|| format!("--tls-ca {}", ca_file.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.with_context(|| format!("--tls-ca {}", ca_file.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("--tls-ca {}", ca_file.display()))?;
+        }
+        anyhow::ensure!(
+            !roots.is_empty(),
+            "--tls-ca {}: no certificates in the file",
+            ca_file.display()
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .with_context(|| format!("--tls-server-name {server_name:?}"))?;
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+
+    /// The host part of a `HOST:PORT` gateway address, the default name to check.
+    pub fn host_of(gateway: &str) -> &str {
+        let host = gateway.rsplit_once(':').map_or(gateway, |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    /// TLS over a connected stream.
+    pub async fn connect(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        self.connector
+            .connect(self.server_name.clone(), stream)
+            .await
+    }
+}
