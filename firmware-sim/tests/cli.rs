@@ -169,4 +169,12 @@ fn bad_input_gets_a_clear_error_naming_the_problem() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--broker-gate"), "{err}");
+
+    let out = sim(&["run", "--tls-ca", bad.to_str().unwrap(), "--duration", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-ca") && err.contains("no certificates"),
+        "{err}"
+    );
 }
