@@ -105,6 +105,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         config.store.queue_frames,
         config.store.batch_max_frames,
         backlog.clone(),
+        config.store.retention,
         metrics.clone(),
     );
     if config.auth.mode == AuthMode::None {

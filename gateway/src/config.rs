@@ -269,6 +269,11 @@ pub struct StoreConfig {
     /// Frames waiting for the writer, across all devices. Default 8192. When full, sessions
     /// wait to enqueue and so stop reading their sockets: devices are slowed, never dropped.
     pub queue_frames: usize,
+    /// Keep readings and events this long, by their timestamp (e.g. "30d"); older ones are
+    /// deleted by the writer in small steps between batches. At least 1 minute. Default:
+    /// unset, keep everything.
+    #[serde(with = "humantime_serde")]
+    pub retention: Option<Duration>,
 }
 
 impl Default for StoreConfig {
@@ -278,6 +283,7 @@ impl Default for StoreConfig {
             durability: Durability::ProcessCrash,
             batch_max_frames: 2048,
             queue_frames: 8192,
+            retention: None,
         }
     }
 }
@@ -631,6 +637,13 @@ impl Config {
         if self.store.queue_frames < 1 {
             return Err(invalid("store.queue_frames", "must be at least 1"));
         }
+        if self
+            .store
+            .retention
+            .is_some_and(|r| r < Duration::from_secs(60))
+        {
+            return Err(invalid("store.retention", "must be at least 1 minute"));
+        }
         for (field, d) in [
             ("session.hello_timeout", self.session.hello_timeout),
             ("session.idle_timeout", self.session.idle_timeout),
@@ -749,6 +762,13 @@ mod tests {
 
     #[test]
     fn an_out_of_range_value_names_its_field() {
+        let err = Config::from_toml("[store]\nretention = \"30s\"\n").unwrap_err();
+        assert!(err.to_string().contains("store.retention"), "{err}");
+        let kept = Config::from_toml("[store]\nretention = \"30d\"\n").unwrap();
+        assert_eq!(
+            kept.store.retention,
+            Some(Duration::from_secs(30 * 24 * 3600))
+        );
         let err = Config::from_toml("[store]\nbatch_max_frames = 0\n").unwrap_err();
         assert!(err.to_string().contains("store.batch_max_frames"), "{err}");
         let err = Config::from_toml("[session]\nhello_timeout = \"0s\"\n").unwrap_err();

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub serial_frames_skipped: AtomicU64,
     /// Links closed with an error frame, by `ErrorCode`.
     link_errors: [AtomicU64; ERROR_CODES],
+    /// Readings and events deleted by `store.retention`.
+    pub rows_pruned: AtomicU64,
     /// TLS handshakes on the device listener that failed or timed out.
     pub tls_handshake_failures: AtomicU64,
     /// WARN lines for link closes, by `ErrorCode`.

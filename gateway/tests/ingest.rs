@@ -112,6 +112,89 @@ async fn a_device_that_half_closes_after_its_last_frame_still_gets_its_acks() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_and_events_past_the_retention_are_deleted_and_newer_ones_kept() {
+    let gw = TestGateway::start(|c| c.store.retention = Some(Duration::from_secs(60))).await;
+    let now = gateway::store::now_ms() as u64;
+    let old = now - 2 * 3600 * 1000;
+    let readings = |ts: u64| {
+        Body::Telemetry(proto::v1::Telemetry {
+            readings: ["t", "h", "p"]
+                .iter()
+                .map(|s| proto::v1::Reading {
+                    sensor: (*s).into(),
+                    value: 1.0,
+                    timestamp_ms: ts,
+                })
+                .collect(),
+        })
+    };
+    let event = |ts: u64| {
+        Body::Event(Event {
+            kind: "door_open".into(),
+            message: String::new(),
+            severity: proto::v1::Severity::Info as i32,
+            timestamp_ms: ts,
+        })
+    };
+    let mut dev = RawClient::connect(gw.addr).await;
+    dev.hello("keeper", 1).await;
+    for (seq, body) in [
+        (1, readings(old)),
+        (2, readings(now)),
+        (3, event(old)),
+        (4, event(now)),
+    ] {
+        dev.send(DeviceMessage {
+            seq,
+            body: Some(body),
+        })
+        .await;
+    }
+    while ack_seq(dev.recv().await) < 4 {}
+
+    // Retention steps run every tenth of the retention (6 s here).
+    let mut conn = open_db(&gw.db).await;
+    let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count("SELECT COUNT(*) FROM telemetry WHERE seq = 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "old readings still there after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let kept: Vec<(i64, String)> =
+        sqlx::query_as("SELECT seq, sensor FROM telemetry ORDER BY seq, sensor")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        kept,
+        vec![(2, "h".into()), (2, "p".into()), (2, "t".into())]
+    );
+    let events: Vec<i64> = sqlx::query_scalar("SELECT seq FROM events")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(events, vec![4]);
+    assert_eq!(
+        gw.metrics
+            .rows_pruned
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    // Deleting old rows does not reopen their seqs: a resend is still a duplicate.
+    let mut again = RawClient::connect(gw.addr).await;
+    assert_eq!(again.hello("keeper", 1).await, 4);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn events_and_nan_readings_are_stored_and_zero_timestamps_get_the_receive_time() {
     let gw = TestGateway::start(|_| {}).await;

@@ -170,6 +170,30 @@ impl Batcher {
         self.cache = Cache::default();
     }
 
+    /// Retention: deletes up to `max_rows` readings and up to `max_rows` events timestamped
+    /// before `cutoff_ms`, in one transaction; returns (readings, events) deleted. Both
+    /// lookups seek per series (per device for events) on the primary key, so a step costs
+    /// what it deletes plus one seek per series.
+    pub fn prune(&mut self, cutoff_ms: i64, max_rows: i64) -> Result<(u64, u64), StoreError> {
+        let tx = self.conn.transaction()?;
+        let readings = tx
+            .prepare_cached(
+                "DELETE FROM readings WHERE (series, ts_ms, stream, seq, idx) IN \
+                 (SELECT series, ts_ms, stream, seq, idx FROM readings \
+                  WHERE series IN (SELECT id FROM series) AND ts_ms < ?1 LIMIT ?2)",
+            )?
+            .execute(rusqlite::params![cutoff_ms, max_rows])?;
+        let events = tx
+            .prepare_cached(
+                "DELETE FROM event_log WHERE (stream, seq) IN \
+                 (SELECT stream, seq FROM event_log \
+                  WHERE device IN (SELECT id FROM devices) AND ts_ms < ?1 LIMIT ?2)",
+            )?
+            .execute(rusqlite::params![cutoff_ms, max_rows])?;
+        tx.commit()?;
+        Ok((readings as u64, events as u64))
+    }
+
     /// Deletes the oldest `n` outbox rows (the `drop-oldest` policy); returns (rows, cost).
     pub fn drop_oldest(&mut self, n: i64) -> Result<(u64, u64), StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!(

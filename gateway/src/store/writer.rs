@@ -17,6 +17,7 @@
 //! drops the oldest unpublished outbox rows after each commit (`drop-oldest`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -93,6 +94,7 @@ pub fn spawn(
     queue_frames: usize,
     batch_max_frames: usize,
     backlog: Option<Arc<Backlog>>,
+    retention: Option<Duration>,
     metrics: Arc<Metrics>,
 ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_frames);
@@ -101,6 +103,8 @@ pub fn spawn(
         backlog,
         metrics,
         dropping: false,
+        retention,
+        pruned: (0, 0),
     };
     let runtime = tokio::runtime::Handle::current();
     let task =
@@ -114,14 +118,36 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Whether `drop-oldest` is dropping now (to log the start and end once).
     dropping: bool,
+    /// `store.retention`.
+    retention: Option<Duration>,
+    /// Readings and events deleted in the current retention pass (logged once at its end).
+    pruned: (u64, u64),
 }
+
+/// Most readings (and events) one retention step deletes: a step runs between batches on
+/// the writer, so it must stay short.
+const PRUNE_STEP_ROWS: i64 = 20_000;
+/// Pause between retention steps while old rows remain (batches run in between).
+const PRUNE_BUSY: Duration = Duration::from_millis(100);
+/// Longest pause between retention passes.
+const PRUNE_IDLE_MAX: Duration = Duration::from_secs(60);
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<WriteFrame>, batch_max_frames: usize) {
         let mut batch = Vec::with_capacity(batch_max_frames);
+        let mut prune_at = tokio::time::Instant::now();
         loop {
             self.wait_for_backlog_room().await;
-            if rx.recv_many(&mut batch, batch_max_frames).await == 0 {
+            // Checked here, not only in the select below: under a steady load frames are
+            // always ready, and retention must still get its turn between batches.
+            if self.retention.is_some() && tokio::time::Instant::now() >= prune_at {
+                prune_at = tokio::time::Instant::now() + self.prune_step();
+            }
+            let received = tokio::select! {
+                n = rx.recv_many(&mut batch, batch_max_frames) => n,
+                _ = tokio::time::sleep_until(prune_at), if self.retention.is_some() => continue,
+            };
+            if received == 0 {
                 break;
             }
             match self.batcher.commit(&batch) {
@@ -156,6 +182,41 @@ impl Writer {
             batch.clear();
         }
         tracing::debug!("store writer drained and stopped");
+    }
+
+    /// One retention step; returns how long to wait before the next.
+    fn prune_step(&mut self) -> Duration {
+        let Some(retention) = self.retention else {
+            return PRUNE_IDLE_MAX;
+        };
+        let idle = (retention / 10).min(PRUNE_IDLE_MAX);
+        let cutoff = super::now_ms().saturating_sub(retention.as_millis() as i64);
+        match self.batcher.prune(cutoff, PRUNE_STEP_ROWS) {
+            Ok((readings, events)) => {
+                self.metrics
+                    .rows_pruned
+                    .fetch_add(readings + events, std::sync::atomic::Ordering::Relaxed);
+                self.pruned.0 += readings;
+                self.pruned.1 += events;
+                if readings as i64 == PRUNE_STEP_ROWS || events as i64 == PRUNE_STEP_ROWS {
+                    return PRUNE_BUSY;
+                }
+                if self.pruned != (0, 0) {
+                    tracing::info!(
+                        readings = self.pruned.0,
+                        events = self.pruned.1,
+                        older_than = %humantime::format_duration(retention),
+                        "retention: deleted old data"
+                    );
+                    self.pruned = (0, 0);
+                }
+                idle
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention: deleting old data failed; retrying later");
+                idle
+            }
+        }
     }
 
     /// `slow` policy: while the backlog is over budget, take no frames (sessions block, so
