@@ -152,9 +152,24 @@ async fn readings_and_events_past_the_retention_are_deleted_and_newer_ones_kept(
         .await;
     }
     while ack_seq(dev.recv().await) < 4 {}
+    let mut conn = open_db(&gw.db).await;
+    // Two commands for it from long ago: one finished then, one still open.
+    for (command_id, outcome) in [("done", Some("ok")), ("waiting", None)] {
+        sqlx::query(
+            "INSERT INTO commands (device, command_id, name, params, created_ms, deadline_ms, outcome, finished_ms) \
+             SELECT id, ?1, 'blink', '{}', ?2, ?3, ?4, ?5 FROM devices WHERE device_id = 'keeper'",
+        )
+        .bind(command_id)
+        .bind(old as i64)
+        .bind((now + 3_600_000) as i64)
+        .bind(outcome)
+        .bind(outcome.map(|_| old as i64))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
 
     // Retention steps run every tenth of the retention (6 s here).
-    let mut conn = open_db(&gw.db).await;
     let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while count("SELECT COUNT(*) FROM telemetry WHERE seq = 1")
@@ -183,11 +198,16 @@ async fn readings_and_events_past_the_retention_are_deleted_and_newer_ones_kept(
         .await
         .unwrap();
     assert_eq!(events, vec![4]);
+    let commands: Vec<String> = sqlx::query_scalar("SELECT command_id FROM commands")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(commands, vec!["waiting".to_owned()], "open commands stay");
     assert_eq!(
         gw.metrics
             .rows_pruned
             .load(std::sync::atomic::Ordering::Relaxed),
-        4
+        5
     );
     // Deleting old rows does not reopen their seqs: a resend is still a duplicate.
     let mut again = RawClient::connect(gw.addr).await;

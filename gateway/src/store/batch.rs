@@ -170,10 +170,10 @@ impl Batcher {
         self.cache = Cache::default();
     }
 
-    /// Retention: deletes up to `max_rows` readings and up to `max_rows` events timestamped
-    /// before `cutoff_ms`, in one transaction; returns (readings, events) deleted. Both
-    /// lookups seek per series (per device for events) on the primary key, so a step costs
-    /// what it deletes plus one seek per series.
+    /// Retention: deletes up to `max_rows` readings, events and finished commands from before
+    /// `cutoff_ms`, in one transaction; returns (readings, events + commands) deleted. The
+    /// readings and events lookups seek per series (per device for events) on the primary
+    /// key, so a step costs what it deletes plus one seek per series. Open commands stay.
     pub fn prune(&mut self, cutoff_ms: i64, max_rows: i64) -> Result<(u64, u64), StoreError> {
         let tx = self.conn.transaction()?;
         let readings = tx
@@ -190,8 +190,14 @@ impl Batcher {
                   WHERE device IN (SELECT id FROM devices) AND ts_ms < ?1 LIMIT ?2)",
             )?
             .execute(rusqlite::params![cutoff_ms, max_rows])?;
+        let commands = tx
+            .prepare_cached(
+                "DELETE FROM commands WHERE id IN (SELECT id FROM commands \
+                 WHERE outcome IS NOT NULL AND finished_ms < ?1 LIMIT ?2)",
+            )?
+            .execute(rusqlite::params![cutoff_ms, max_rows])?;
         tx.commit()?;
-        Ok((readings as u64, events as u64))
+        Ok((readings as u64, (events + commands) as u64))
     }
 
     /// Deletes the oldest `n` outbox rows (the `drop-oldest` policy); returns (rows, cost).

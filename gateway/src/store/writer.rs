@@ -120,7 +120,8 @@ struct Writer {
     dropping: bool,
     /// `store.retention`.
     retention: Option<Duration>,
-    /// Readings and events deleted in the current retention pass (logged once at its end).
+    /// Readings, and events and finished commands, deleted in the current retention pass
+    /// (logged once at its end).
     pruned: (u64, u64),
 }
 
@@ -204,7 +205,7 @@ impl Writer {
                 if self.pruned != (0, 0) {
                     tracing::info!(
                         readings = self.pruned.0,
-                        events = self.pruned.1,
+                        events_and_commands = self.pruned.1,
                         older_than = %humantime::format_duration(retention),
                         "retention: deleted old data"
                     );
