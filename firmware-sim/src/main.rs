@@ -151,6 +151,19 @@ struct ProxyArgs {
     /// Stop after this many seconds (default: at Ctrl-C or SIGTERM).
     #[arg(long)]
     duration: Option<f64>,
+    /// Devices connect with TLS: terminate it here with this certificate chain (PEM), so
+    /// their traffic is recorded in the clear. Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Connect to the gateway with TLS, trusting this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    upstream_tls_ca: Option<std::path::PathBuf>,
+    /// Name to check on the gateway's certificate (default: the host of --upstream).
+    #[arg(long, value_name = "NAME", requires = "upstream_tls_ca")]
+    upstream_tls_server_name: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -600,6 +613,25 @@ fn replay(args: ReplayArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
 }
 
 fn proxy(args: ProxyArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let devices = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match firmware_sim::tls::acceptor(cert, key) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("firmware-sim: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let upstream_tls = TlsArgs {
+        tls_ca: args.upstream_tls_ca.clone(),
+        tls_server_name: args.upstream_tls_server_name.clone(),
+    };
+    let upstream = match upstream_tls.client(&args.upstream) {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
+    let tls = firmware_sim::record::ProxyTls { devices, upstream };
     let recorder = match firmware_sim::record::Recorder::create(&args.record) {
         Ok(r) => r,
         Err(e) => {
@@ -626,6 +658,7 @@ fn proxy(args: ProxyArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     let relayed = runtime.block_on(firmware_sim::record::proxy(
         listener,
         &args.upstream,
+        tls,
         recorder.clone(),
         async move {
             match duration {

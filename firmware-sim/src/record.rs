@@ -402,17 +402,33 @@ async fn count_answers(read: impl AsyncRead + Unpin) -> ReplayReport {
     seen
 }
 
+/// TLS on either side of the proxy.
+#[derive(Clone, Default)]
+pub struct ProxyTls {
+    /// Devices connect with TLS, terminated here with this certificate, so what they send
+    /// is recorded in the clear.
+    pub devices: Option<tokio_rustls::TlsAcceptor>,
+    /// The proxy connects to the gateway with TLS.
+    pub upstream: Option<crate::tls::TlsClient>,
+}
+
+/// A byte stream in either direction: plain TCP or TLS.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 /// Relays device connections accepted on `listener` to `upstream`, recording what each
 /// device sends, until `stop` resolves. Returns how many connections it relayed.
 pub async fn proxy(
     listener: TcpListener,
     upstream: &str,
+    tls: ProxyTls,
     recorder: Arc<Recorder>,
     stop: impl std::future::Future<Output = ()>,
 ) -> u64 {
     let mut links = tokio::task::JoinSet::new();
     let relayed = Arc::new(AtomicU64::new(0));
-    let mut failures: HashMap<String, u64> = HashMap::new();
+    // Each kind of failure is logged once, not once per device.
+    let warned: Arc<Mutex<HashMap<&'static str, u64>>> = Arc::default();
     tokio::pin!(stop);
     loop {
         let (device, peer) = tokio::select! {
@@ -426,26 +442,51 @@ pub async fn proxy(
                 }
             },
         };
-        let gateway = match TcpStream::connect(upstream).await {
-            Ok(s) => s,
-            Err(e) => {
-                let n = failures.entry(e.kind().to_string()).or_default();
+        let (recorder, relayed, warned) = (recorder.clone(), relayed.clone(), warned.clone());
+        let (upstream, tls) = (upstream.to_owned(), tls.clone());
+        // Handshakes and the upstream connect run in the link's task, never in this loop.
+        links.spawn(async move {
+            let warn_once = |kind: &'static str, error: &dyn std::fmt::Display| {
+                let mut warned = warned.lock().unwrap_or_else(|e| e.into_inner());
+                let n = warned.entry(kind).or_default();
                 *n += 1;
                 if *n == 1 {
-                    tracing::warn!(%upstream, error = %e, "proxy: cannot reach the gateway; dropping devices until it is back");
+                    tracing::warn!(%peer, %error, "proxy: {kind} (logged once)");
                 }
-                continue;
-            }
-        };
-        let _ = device.set_nodelay(true);
-        let _ = gateway.set_nodelay(true);
-        let recorder = recorder.clone();
-        let relayed = relayed.clone();
-        links.spawn(async move {
+            };
+            let _ = device.set_nodelay(true);
+            let device: Box<dyn Io> = match &tls.devices {
+                None => Box::new(device),
+                Some(acceptor) => {
+                    match tokio::time::timeout(LINGER, acceptor.accept(device)).await {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => return warn_once("a device's TLS handshake failed", &e),
+                        Err(_) => return warn_once("a device's TLS handshake timed out", &"10 s"),
+                    }
+                }
+            };
+            let gateway = match TcpStream::connect(&upstream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return warn_once(
+                        "cannot reach the gateway; dropping devices until it is back",
+                        &e,
+                    )
+                }
+            };
+            let _ = gateway.set_nodelay(true);
+            let gateway: Box<dyn Io> = match &tls.upstream {
+                None => Box::new(gateway),
+                Some(client) => match tokio::time::timeout(LINGER, client.connect(gateway)).await {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => return warn_once("TLS to the gateway failed", &e),
+                    Err(_) => return warn_once("TLS to the gateway timed out", &"10 s"),
+                },
+            };
             relayed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, "proxy: device connected");
-            let (mut device_read, mut device_write) = device.into_split();
-            let (mut gateway_read, gateway_write) = gateway.into_split();
+            let (mut device_read, mut device_write) = tokio::io::split(device);
+            let (mut gateway_read, gateway_write) = tokio::io::split(gateway);
             let mut up = Tap::new(gateway_write, Some(&recorder));
             let upward = tokio::io::copy(&mut device_read, &mut up);
             let downward = tokio::io::copy(&mut gateway_read, &mut device_write);

@@ -1,5 +1,5 @@
-//! Devices that connect to the gateway with TLS (`--tls-ca`): a CA to trust and the name to
-//! check on the gateway's certificate.
+//! TLS toward the gateway (`--tls-ca`: a CA to trust and the name to check on the gateway's
+//! certificate), and the proxy's own certificate for devices that connect to it with TLS.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,17 +30,17 @@ impl TlsClient {
     /// for `server_name` (a DNS name or an IP address).
     pub fn new(ca_file: &Path, server_name: &str) -> anyhow::Result<Self> {
         let pem =
-            std::fs::read(ca_file).with_context(|| format!("--tls-ca {}", ca_file.display()))?;
+            std::fs::read(ca_file).with_context(|| format!("CA file {}", ca_file.display()))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.with_context(|| format!("--tls-ca {}", ca_file.display()))?;
+            let cert = cert.with_context(|| format!("CA file {}", ca_file.display()))?;
             roots
                 .add(cert)
-                .with_context(|| format!("--tls-ca {}", ca_file.display()))?;
+                .with_context(|| format!("CA file {}", ca_file.display()))?;
         }
         anyhow::ensure!(
             !roots.is_empty(),
-            "--tls-ca {}: no certificates in the file",
+            "CA file {}: no certificates in the file",
             ca_file.display()
         );
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -49,7 +49,7 @@ impl TlsClient {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let server_name = ServerName::try_from(server_name.to_owned())
-            .with_context(|| format!("--tls-server-name {server_name:?}"))?;
+            .with_context(|| format!("TLS server name {server_name:?}"))?;
         Ok(Self {
             connector: TlsConnector::from(Arc::new(config)),
             server_name,
@@ -68,4 +68,35 @@ impl TlsClient {
             .connect(self.server_name.clone(), stream)
             .await
     }
+}
+
+/// A TLS server setup for the proxy's device side, from a certificate chain and its key (PEM).
+pub fn acceptor(cert_file: &Path, key_file: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let cert_pem =
+        std::fs::read(cert_file).with_context(|| format!("--tls-cert {}", cert_file.display()))?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("--tls-cert {}", cert_file.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "--tls-cert {}: no certificates in the file",
+        cert_file.display()
+    );
+    let key_pem =
+        std::fs::read(key_file).with_context(|| format!("--tls-key {}", key_file.display()))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .with_context(|| format!("--tls-key {}", key_file.display()))?
+        .with_context(|| {
+            format!(
+                "--tls-key {}: no private key in the file",
+                key_file.display()
+            )
+        })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("--tls-cert/--tls-key")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

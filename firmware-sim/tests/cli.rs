@@ -174,7 +174,7 @@ fn bad_input_gets_a_clear_error_naming_the_problem() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--tls-ca") && err.contains("no certificates"),
+        err.contains("CA file") && err.contains("bad.toml: no certificates"),
         "{err}"
     );
 }

@@ -130,3 +130,68 @@ fn a_missing_certificate_is_refused_at_start_with_the_field_named() {
         .unwrap();
     assert_eq!(half.status.code(), Some(2), "clap refuses --tls-cert alone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_records_tls_devices_in_the_clear_for_a_plain_replay() {
+    let certs = certs();
+    let gw = tls_gateway(&certs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("field.jsonl");
+    let recorder = firmware_sim::record::Recorder::create(&path).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = listener.local_addr().unwrap();
+    let tls = firmware_sim::record::ProxyTls {
+        devices: Some(firmware_sim::tls::acceptor(&certs.cert, &certs.key).unwrap()),
+        upstream: Some(TlsClient::new(&certs.ca, "localhost").unwrap()),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let proxy = tokio::spawn({
+        let recorder = recorder.clone();
+        let upstream = gw.addr.to_string();
+        async move {
+            firmware_sim::record::proxy(listener, &upstream, tls, recorder, async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    let report = firmware_sim::run_fleet(firmware_sim::FleetConfig {
+        devices: 4,
+        rate: 20.0,
+        readings: 2,
+        duration: Duration::from_secs(1),
+        tls: Some(TlsClient::new(&certs.ca, "localhost").unwrap()),
+        ..fleet(proxy_addr)
+    })
+    .await;
+    assert!(report.is_clean(), "{}", report.to_table());
+    assert!(report.frames_acked >= 4, "{}", report.to_table());
+    let _ = stop.send(());
+    assert_eq!(proxy.await.unwrap(), 4);
+    recorder.finish().unwrap();
+
+    // The recording holds what the devices sent inside TLS: it replays to a plain gateway.
+    let replica = TestGateway::start(|_| {}).await;
+    let replayed = firmware_sim::record::replay(
+        firmware_sim::record::Recording::load(&path).unwrap(),
+        &replica.addr.to_string(),
+        0.0,
+    )
+    .await;
+    assert_eq!(replayed.hello_acks, 4, "{replayed:?}");
+    assert!(replayed.errors.is_empty(), "{replayed:?}");
+    let rows = |db: PathBuf| async move {
+        let mut conn = open_db(&db).await;
+        sqlx::query_as::<_, (String, i64, i64, String, i64)>(
+            "SELECT device_id, epoch, seq, sensor, ts_ms FROM telemetry ORDER BY 1, 2, 3, 4",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+    };
+    let original = rows(gw.db.clone()).await;
+    assert_eq!(original.len() as u64, report.readings_acked);
+    assert_eq!(rows(replica.db.clone()).await, original);
+    replica.stop().await;
+    gw.stop().await;
+}

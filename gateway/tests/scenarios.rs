@@ -382,7 +382,7 @@ async fn the_proxy_records_field_traffic_for_replay() {
         let recorder = recorder.clone();
         let upstream = site.gw.addr.to_string();
         async move {
-            firmware_sim::record::proxy(listener, &upstream, recorder, async {
+            firmware_sim::record::proxy(listener, &upstream, Default::default(), recorder, async {
                 let _ = stopped.await;
             })
             .await
