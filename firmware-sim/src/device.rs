@@ -281,6 +281,8 @@ pub struct Device {
     pub(crate) slow_until: Option<Instant>,
     /// Stay off until then before reconnecting (storm, reboot).
     pub(crate) hold_until: Option<Instant>,
+    /// The gateway's pacing: at least this long between data messages (zero: none).
+    min_period: Duration,
     /// Present a wrong token at the next Hello (wrong-token fault).
     wrong_token: bool,
     /// Frames still to send at once (burst fault).
@@ -346,6 +348,7 @@ impl Device {
             earlier: Vec::new(),
             slow_until: None,
             hold_until: None,
+            min_period: Duration::ZERO,
             wrong_token: false,
             burst_left: 0,
             spec,
@@ -601,13 +604,33 @@ impl Device {
 
     pub(crate) fn jittered(&mut self, period: Option<Duration>) -> Option<Duration> {
         let j = self.spec.jitter.clamp(0.0, 1.0);
-        period.map(|p| {
+        let period = period.map(|p| {
             if j > 0.0 {
                 p.mul_f64(1.0 + self.rng.random_range(-j..=j))
             } else {
                 p
             }
-        })
+        });
+        // The gateway's pacing, if any, is a floor.
+        match (period, self.min_period.is_zero()) {
+            (_, true) => period,
+            (Some(p), false) => Some(p.max(self.min_period)),
+            (None, false) => Some(self.min_period),
+        }
+    }
+
+    /// HelloAck: a new session; pacing from an earlier one no longer applies.
+    pub(crate) fn new_session(&mut self) {
+        self.stats
+            .hello_acks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.min_period = Duration::ZERO;
+    }
+
+    /// The gateway asked for at most one data message per `ms` (0: no limit).
+    pub(crate) fn on_config(&mut self, update: &proto::v1::ConfigUpdate) {
+        self.stats.inc_config_updates();
+        self.min_period = Duration::from_millis(u64::from(update.min_report_interval_ms));
     }
 
     /// This device's Hello (with a wrong token if a fault says so).
@@ -790,9 +813,7 @@ impl Device {
             _ => return LinkEnd::Lost,
         };
         *backoff = Duration::from_millis(100);
-        self.stats
-            .hello_acks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.new_session();
         if !self.spec.faults.ignore_hello_ack {
             self.acked(last_seq);
         }
@@ -860,6 +881,7 @@ impl Device {
                     Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Ack(ack)) })) => self.acked(ack.seq),
                     Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Error(e)) })) => return self.on_error(&e),
                     Some(Ok(GatewayMessage { body: Some(gateway_message::Body::Command(c)) })) => self.on_command(c),
+                    Some(Ok(GatewayMessage { body: Some(gateway_message::Body::ConfigUpdate(c)) })) => self.on_config(&c),
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => return LinkEnd::Lost,
                 },

@@ -21,6 +21,7 @@ pub struct FleetStats {
     frames_sent: AtomicU64,
     frames_resent: AtomicU64,
     reconnects: AtomicU64,
+    config_updates: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
     /// Ack latency in microseconds, from a frame's first send to its ack.
     latency_us: Mutex<Histogram<u64>>,
@@ -34,6 +35,7 @@ impl Default for FleetStats {
             frames_sent: AtomicU64::new(0),
             frames_resent: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            config_updates: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
             // 1 µs to 1 hour at 3 significant digits; the bounds are constants, so this
             // cannot fail.
@@ -53,6 +55,9 @@ impl FleetStats {
     }
     pub(crate) fn inc_reconnects(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn inc_config_updates(&self) {
+        self.config_updates.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn record_error(&self, code: ErrorCode) {
         self.count_error(code.as_str_name());
@@ -108,6 +113,8 @@ pub struct Report {
     pub frames_resent: u64,
     /// Connections made after a device's first.
     pub reconnects: u64,
+    /// `ConfigUpdate`s (pacing) received from the gateway, by all devices.
+    pub config_updates: u64,
     /// Frames still unacknowledged when the drain period ended.
     pub unacked_frames: u64,
     /// Devices the gateway refused for good (bad or revoked token).
@@ -173,6 +180,7 @@ impl Report {
             readings_acked,
             frames_resent: stats.frames_resent.load(Ordering::Relaxed),
             reconnects: stats.reconnects.load(Ordering::Relaxed),
+            config_updates: stats.config_updates.load(Ordering::Relaxed),
             unacked_frames: outcomes.iter().map(|o| o.unacked).sum(),
             devices_refused: outcomes.iter().filter(|o| o.gave_up.is_some()).count() as u64,
             commands_received: outcomes
@@ -221,6 +229,12 @@ impl Report {
         );
         row("frames resent", self.frames_resent.to_string());
         row("reconnects", self.reconnects.to_string());
+        if self.config_updates > 0 {
+            row(
+                "pacing",
+                format!("{} ConfigUpdates received", self.config_updates),
+            );
+        }
         row("unacked frames", self.unacked_frames.to_string());
         row("devices refused", self.devices_refused.to_string());
         if self.reboots > 0 {

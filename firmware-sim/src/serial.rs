@@ -160,9 +160,7 @@ impl Device {
                 break last_seq;
             }
         };
-        self.stats
-            .hello_acks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.new_session();
         self.acked(last_seq);
         let mut last_progress = Instant::now();
         if !self.resend_all(&mut port, noise).await {
@@ -206,6 +204,7 @@ impl Device {
                     }
                     Some(Ok(Ok(GatewayMessage { body: Some(gateway_message::Body::Error(e)) }))) => return self.on_error(&e),
                     Some(Ok(Ok(GatewayMessage { body: Some(gateway_message::Body::Command(c)) }))) => self.on_command(c),
+                    Some(Ok(Ok(GatewayMessage { body: Some(gateway_message::Body::ConfigUpdate(c)) }))) => self.on_config(&c),
                     Some(Ok(_)) => {} // a pong, or a frame damaged on the way back
                     Some(Err(_)) | None => return LinkEnd::Lost,
                 },

@@ -112,6 +112,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         tracing::warn!("auth.mode = none: every device is accepted without checking its token");
     }
     let shutdown_timeout = config.shutdown.timeout;
+    let (pace_tx, pace) = tokio::sync::watch::channel(0u32);
     let shared = Arc::new(Shared {
         writer,
         auth: Authenticator::new(config.auth.mode, fleet_secret, store.pool().clone()),
@@ -125,7 +126,15 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             drain_timeout: shutdown_timeout / 2,
         },
         bridge: bridge.as_ref().map(|(handle, _)| handle.clone()),
+        pace,
     });
+    let pacer = tokio::spawn(pace_devices(
+        shared.writer.probe(),
+        metrics.clone(),
+        config.session.slow_report_interval,
+        pace_tx,
+        shutdown.clone(),
+    ));
     let reporter = tokio::spawn(report_periodically(metrics.clone(), shutdown.clone()));
 
     let mut ports = tokio::task::JoinSet::new();
@@ -190,8 +199,57 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
     reporter.abort();
+    pacer.abort();
     log_summary(&metrics, "stopped");
     Ok(())
+}
+
+/// Store queue fill at which devices are asked to slow down, and below which (with the
+/// backlog under budget) they may speed up again.
+const BEHIND_FILL: f64 = 0.5;
+const CAUGHT_UP_FILL: f64 = 0.1;
+
+/// Asks devices to report less often while the gateway falls behind (DESIGN: backpressure
+/// slows devices rather than dropping data), and lifts it once it has caught up. Checked
+/// every second; each change is logged once.
+async fn pace_devices(
+    queue: crate::store::writer::QueueProbe,
+    metrics: Arc<Metrics>,
+    slow_interval: Duration,
+    pace: tokio::sync::watch::Sender<u32>,
+    shutdown: CancellationToken,
+) {
+    if slow_interval.is_zero() {
+        return;
+    }
+    let slow_ms = u32::try_from(slow_interval.as_millis()).unwrap_or(u32::MAX);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut behind = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(fill) = queue.fill() else { return };
+        let backlog_full = metrics
+            .uplink_backlog_full
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 0;
+        if !behind && (fill > BEHIND_FILL || backlog_full) {
+            behind = true;
+            tracing::warn!(
+                store_queue_fill = fill,
+                backlog_full,
+                "falling behind: asking devices to report at most every {}",
+                humantime::format_duration(slow_interval)
+            );
+            pace.send_replace(slow_ms);
+        } else if behind && fill < CAUGHT_UP_FILL && !backlog_full {
+            behind = false;
+            tracing::info!("caught up: devices may report at their own rate again");
+            pace.send_replace(0);
+        }
+    }
 }
 
 /// Logs one summary line a minute while anything changes.

@@ -303,6 +303,11 @@ pub struct SessionConfig {
     /// link is closed. Default 30s.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// While the gateway falls behind (store queue over half full, or the MQTT backlog at
+    /// its budget), devices are asked (`ConfigUpdate`) to report at most this often, until
+    /// it has caught up. Default 10s; "0s" never asks.
+    #[serde(with = "humantime_serde")]
+    pub slow_report_interval: Duration,
 }
 
 impl Default for SessionConfig {
@@ -311,6 +316,7 @@ impl Default for SessionConfig {
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             write_timeout: Duration::from_secs(30),
+            slow_report_interval: Duration::from_secs(10),
         }
     }
 }

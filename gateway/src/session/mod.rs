@@ -63,4 +63,7 @@ pub struct Shared {
     pub config: Timers,
     /// Where device status goes; `None` when the MQTT bridge is off.
     pub bridge: Option<BridgeHandle>,
+    /// The report interval devices are asked to keep, in ms (0: no limit); see
+    /// [`crate::app`]'s pacer. Each session sends a `ConfigUpdate` when it changes.
+    pub pace: tokio::sync::watch::Receiver<u32>,
 }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use proto::v1::{gateway_message, Ack, Command, ErrorCode, GatewayMessage, Hello, HelloAck};
+use proto::v1::{
+    gateway_message, Ack, Command, ConfigUpdate, ErrorCode, GatewayMessage, Hello, HelloAck,
+};
 use proto::CodecError;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
@@ -359,6 +361,7 @@ impl Session<'_> {
                 warn!(error = %e, "loading waiting commands failed; they are delivered at the next connection")
             }
         }
+        let mut pace = self.shared.pace.clone();
         let (ack_tx, mut acks) = watch::channel(Durable::default());
         let ack_tx = Arc::new(ack_tx);
         let idle_timeout = self.shared.config.idle_timeout;
@@ -377,6 +380,16 @@ impl Session<'_> {
                 }
                 Ok(()) = acks.changed() => {
                     if let Err(closed) = self.send_ack(link, &mut acks).await {
+                        return Ok(closed);
+                    }
+                }
+                // Also fires right away when the pace changed before this session began.
+                Ok(()) = pace.changed() => {
+                    let ms = *pace.borrow_and_update();
+                    let update = message(gateway_message::Body::ConfigUpdate(ConfigUpdate {
+                        min_report_interval_ms: ms,
+                    }));
+                    if let Err(closed) = self.send(link, update).await {
                         return Ok(closed);
                     }
                 }

@@ -79,6 +79,24 @@ impl WriterHandle {
     pub async fn send(&self, frame: WriteFrame) -> Result<(), WriterStopped> {
         self.tx.send(frame).await.map_err(|_| WriterStopped)
     }
+
+    /// Watches how full the queue is without keeping the writer alive (it stops when the
+    /// last handle is dropped).
+    pub fn probe(&self) -> QueueProbe {
+        QueueProbe(self.tx.downgrade())
+    }
+}
+
+/// How full the queue to the writer is (see [`WriterHandle::probe`]).
+pub struct QueueProbe(mpsc::WeakSender<WriteFrame>);
+
+impl QueueProbe {
+    /// 0 (empty) to 1 (full); `None` once the writer has stopped.
+    pub fn fill(&self) -> Option<f64> {
+        let tx = self.0.upgrade()?;
+        let max = tx.max_capacity().max(1);
+        Some(1.0 - tx.capacity() as f64 / max as f64)
+    }
 }
 
 /// The writer task is gone (the store failed or the gateway is stopping).
