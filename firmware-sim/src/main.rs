@@ -132,6 +132,8 @@ struct ReplayArgs {
     /// Pace: 1 is as recorded, 10 ten times faster, 0 as fast as possible.
     #[arg(long, default_value_t = 1.0)]
     speed: f64,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -586,10 +588,15 @@ fn replay(args: ReplayArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let report = runtime.block_on(firmware_sim::record::replay(
+    let tls = match args.tls.client(&args.gateway) {
+        Ok(tls) => tls,
+        Err(code) => return code,
+    };
+    let report = runtime.block_on(firmware_sim::record::replay_with(
         recording,
         &args.gateway,
         args.speed,
+        tls,
     ));
     if args.json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());

@@ -305,6 +305,16 @@ pub struct ReplayReport {
 /// a later connection's resends could be stored first and an earlier one's frames then
 /// count as already stored.
 pub async fn replay(recording: Recording, gateway: &str, speed: f64) -> ReplayReport {
+    replay_with(recording, gateway, speed, None).await
+}
+
+/// [`replay`], over TLS to the gateway when `tls` is set.
+pub async fn replay_with(
+    recording: Recording,
+    gateway: &str,
+    speed: f64,
+    tls: Option<crate::tls::TlsClient>,
+) -> ReplayReport {
     let start = Instant::now();
     let paced = speed > 0.0 && speed.is_finite();
     let at = move |t_us: u64| {
@@ -328,9 +338,10 @@ pub async fn replay(recording: Recording, gateway: &str, speed: f64) -> ReplayRe
         conns.sort_by_key(|c| c.open_us);
         let gateway = gateway.to_owned();
         let totals = totals.clone();
+        let tls = tls.clone();
         tasks.spawn(async move {
             for conn in conns {
-                replay_connection(conn, &gateway, at, &totals).await;
+                replay_connection(conn, &gateway, tls.as_ref(), at, &totals).await;
             }
         });
     }
@@ -343,19 +354,29 @@ pub async fn replay(recording: Recording, gateway: &str, speed: f64) -> ReplayRe
 async fn replay_connection(
     conn: Conn,
     gateway: &str,
+    tls: Option<&crate::tls::TlsClient>,
     at: impl Fn(u64) -> Instant,
     totals: &Mutex<ReplayReport>,
 ) {
     tokio::time::sleep_until(at(conn.open_us)).await;
-    let Ok(stream) = TcpStream::connect(gateway).await else {
+    let failed = || {
         totals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .connect_failures += 1;
-        return;
+    };
+    let Ok(stream) = TcpStream::connect(gateway).await else {
+        return failed();
     };
     let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
+    let stream: Box<dyn Io> = match tls {
+        None => Box::new(stream),
+        Some(client) => match tokio::time::timeout(LINGER, client.connect(stream)).await {
+            Ok(Ok(s)) => Box::new(s),
+            _ => return failed(),
+        },
+    };
+    let (read, mut write) = tokio::io::split(stream);
     let answers = tokio::spawn(count_answers(read));
     let mut sent = 0u64;
     for (t, data) in &conn.chunks {

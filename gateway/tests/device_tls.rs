@@ -193,5 +193,18 @@ async fn the_proxy_records_tls_devices_in_the_clear_for_a_plain_replay() {
     assert_eq!(original.len() as u64, report.readings_acked);
     assert_eq!(rows(replica.db.clone()).await, original);
     replica.stop().await;
+
+    // And over TLS into a TLS-only gateway.
+    let tls_replica = tls_gateway(&certs).await;
+    let replayed = firmware_sim::record::replay_with(
+        firmware_sim::record::Recording::load(&path).unwrap(),
+        &tls_replica.addr.to_string(),
+        0.0,
+        Some(TlsClient::new(&certs.ca, "localhost").unwrap()),
+    )
+    .await;
+    assert_eq!(replayed.hello_acks, 4, "{replayed:?}");
+    assert_eq!(rows(tls_replica.db.clone()).await, original);
+    tls_replica.stop().await;
     gw.stop().await;
 }
