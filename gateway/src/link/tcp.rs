@@ -50,7 +50,16 @@ pub async fn accept_loop(
                     accept_errors_logged = false;
                     shared.metrics.inc(&shared.metrics.connections_accepted);
                     let _ = stream.set_nodelay(true);
-                    sessions.spawn(serve_connection(shared.clone(), stream, peer, tls.clone(), max_frame_bytes, shutdown.clone()));
+                    // Two task types, so a plain link's task is not sized for a TLS one.
+                    match &tls {
+                        None => {
+                            let link = framed(stream, max_frame_bytes);
+                            sessions.spawn(task::run(shared.clone(), link, LinkKind::Tcp, format!("tcp {peer}"), shutdown.clone()));
+                        }
+                        Some(acceptor) => {
+                            sessions.spawn(serve_tls(shared.clone(), stream, peer, acceptor.clone(), max_frame_bytes, shutdown.clone()));
+                        }
+                    }
                 }
                 Err(e) => {
                     if !accept_errors_logged {
@@ -77,19 +86,16 @@ fn framed<S: AsyncRead + AsyncWrite>(
     link
 }
 
-/// One accepted connection: the TLS handshake if the listener has TLS, then the session.
-async fn serve_connection(
+/// One connection to a TLS listener: the handshake (within the hello timeout), then the
+/// session.
+async fn serve_tls(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
+    acceptor: TlsAcceptor,
     max_frame_bytes: usize,
     shutdown: CancellationToken,
 ) {
-    let Some(acceptor) = tls else {
-        let link = framed(stream, max_frame_bytes);
-        return task::run(shared, link, LinkKind::Tcp, format!("tcp {peer}"), shutdown).await;
-    };
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = tokio::time::timeout(shared.config.hello_timeout, acceptor.accept(stream)) => r,
