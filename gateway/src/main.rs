@@ -108,6 +108,10 @@ struct RunArgs {
     /// The certificate's private key, PEM (sets tcp.tls.key_file).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// While the gateway falls behind, ask devices to report at most this often, e.g. "10s";
+    /// "0s" never asks (sets session.slow_report_interval).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    slow_report_interval: Option<std::time::Duration>,
     /// Run without the MQTT bridge (sets mqtt.enabled = false).
     #[arg(long, conflicts_with = "mqtt")]
     no_mqtt: bool,
@@ -256,6 +260,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if args.no_mqtt {
         config.mqtt.enabled = false;
+    }
+    if let Some(interval) = args.slow_report_interval {
+        config.session.slow_report_interval = interval;
     }
     if let Some(id) = args.gateway_id {
         config.mqtt.gateway_id = id;
