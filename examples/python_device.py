@@ -2,8 +2,9 @@
 """A minimal device in Python, written from the README's protocol section and the .proto.
 
     python3 -m grpc_tools.protoc -I proto/proto --python_out=OUT proto/proto/gateway/v1/device.proto
-    PYTHONPATH=OUT python3 examples/python_device.py HOST:PORT DEVICE_ID FLEET_SECRET FRAMES
+    PYTHONPATH=OUT python3 examples/python_device.py HOST:PORT DEVICE_ID FLEET_SECRET FRAMES [CA_FILE]
 
+With CA_FILE it connects with TLS, trusting that CA (the gateway runs with --tls-cert/--tls-key).
 It says Hello with its fleet token, resends whatever HelloAck says is missing, sends FRAMES
 Telemetry frames (seq 1..FRAMES, two readings each) and exits 0 once the cumulative Ack
 covers them all. Exit 1 on an Error frame, 2 on a protocol surprise.
@@ -11,6 +12,7 @@ covers them all. Exit 1 on an Error frame, 2 on a protocol surprise.
 import hashlib
 import hmac
 import socket
+import ssl
 import sys
 import time
 
@@ -64,6 +66,9 @@ def main() -> int:
     token = hmac.new(secret.encode(), device_id.encode(), hashlib.sha256).hexdigest()
     epoch = int(time.time() * 1000)
     sock = socket.create_connection((host, int(port)), timeout=10)
+    if len(sys.argv) > 5:
+        tls = ssl.create_default_context(cafile=sys.argv[5])
+        sock = tls.wrap_socket(sock, server_hostname=host)
     buf = bytearray()
     send(sock, pb.DeviceMessage(seq=0, hello=pb.Hello(device_id=device_id, token=token, firmware_version="py-1", epoch=epoch)))
     reply = recv(sock, buf)

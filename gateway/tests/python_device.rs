@@ -18,6 +18,28 @@ fn python_ready() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_device_built_from_the_readme_is_acked_and_stored() {
+    let gw = TestGateway::start(|_| {}).await;
+    run_python_device(&gw, "py-meter-1", &[]).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_device_over_tls_is_acked_and_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::pki::pki();
+    let ca = common::pki::write(dir.path(), "ca.pem", &pki.ca);
+    let tls = gateway::config::TcpTlsConfig {
+        cert_file: common::pki::write(dir.path(), "gw.pem", &pki.server.0).into(),
+        key_file: common::pki::write(dir.path(), "gw.key", &pki.server.1).into(),
+    };
+    let gw = TestGateway::start(move |c| c.tcp.tls = Some(tls)).await;
+    run_python_device(&gw, "py-tls-1", &[&ca]).await;
+    gw.stop().await;
+}
+
+/// Runs `examples/python_device.py` against `gw` (with `extra` arguments) for 25 frames and
+/// checks they are acked and stored; skips (outside CI) without python3 and grpcio-tools.
+async fn run_python_device(gw: &TestGateway, device_id: &str, extra: &[&str]) {
     if !python_ready() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -41,11 +63,12 @@ async fn a_python_device_built_from_the_readme_is_acked_and_stored() {
         .unwrap();
     assert!(generated.success(), "protoc for Python");
 
-    let gw = TestGateway::start(|_| {}).await;
-    let addr = gw.addr.to_string();
+    // "localhost": the name on the test certificate (and where the listener is).
+    let addr = format!("localhost:{}", gw.addr.port());
     let device = tokio::process::Command::new("python3")
         .arg(format!("{root}/examples/python_device.py"))
-        .args([addr.as_str(), "py-meter-1", SECRET, "25"])
+        .args([addr.as_str(), device_id, SECRET, "25"])
+        .args(extra)
         .env("PYTHONPATH", out.path())
         .output()
         .await
@@ -59,12 +82,11 @@ async fn a_python_device_built_from_the_readme_is_acked_and_stored() {
     assert_eq!(String::from_utf8_lossy(&device.stdout).trim(), "acked 25");
 
     let mut conn = open_db(&gw.db).await;
-    let (rows, frames): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), COUNT(DISTINCT seq) FROM telemetry WHERE device_id = 'py-meter-1'",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
+    let (rows, frames): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT seq) FROM telemetry WHERE device_id = ?")
+            .bind(device_id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
     assert_eq!((rows, frames), (50, 25));
-    gw.stop().await;
 }
