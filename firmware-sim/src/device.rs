@@ -28,11 +28,12 @@ use tokio_util::codec::FramedRead;
 
 use crate::record::Tap;
 use crate::report::FleetStats;
+use crate::tls::Io;
 
-/// A device's side of a TCP link, recorded when `--record` asks.
-/// Either half of a plain TCP or a TLS connection.
-type ReadHalf = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
-type Writer = Tap<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>;
+/// What the gateway sends on a link (plain TCP or TLS).
+type Reader = FramedRead<tokio::io::ReadHalf<Box<dyn Io>>, DelimitedCodec<GatewayMessage>>;
+/// A device's side of a link, recorded when `--record` asks.
+type Writer = Tap<tokio::io::WriteHalf<Box<dyn Io>>>;
 use crate::timeline::{Action, AnomalyKind, DeviceAnomaly, Label};
 
 /// Who a device is and how it behaves.
@@ -590,7 +591,6 @@ impl Device {
         dropped
     }
 
-    /// The report period with this device's jitter applied.
     /// When to send the next frame after one due at `previous`: at once while a burst
     /// lasts, otherwise a (jittered) period on.
     pub(crate) fn next_send_at(&mut self, previous: Instant, period: Option<Duration>) -> Instant {
@@ -602,6 +602,7 @@ impl Device {
         }
     }
 
+    /// The report period with this device's jitter applied, and the gateway's pacing.
     pub(crate) fn jittered(&mut self, period: Option<Duration>) -> Option<Duration> {
         let j = self.spec.jitter.clamp(0.0, 1.0);
         let period = period.map(|p| {
@@ -773,24 +774,11 @@ impl Device {
         else {
             return LinkEnd::Lost;
         };
-        let _ = stream.set_nodelay(true);
-        let (read, write): (ReadHalf, Box<dyn tokio::io::AsyncWrite + Send + Unpin>) =
-            match &self.spec.tls {
-                None => {
-                    let (read, write) = stream.into_split();
-                    (Box::new(read), Box::new(write))
-                }
-                Some(tls) => match timeout(Duration::from_secs(10), tls.connect(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let (read, write) = tokio::io::split(stream);
-                        (Box::new(read), Box::new(write))
-                    }
-                    Ok(Err(_)) | Err(_) => {
-                        self.stats.record_tls_failure();
-                        return LinkEnd::Lost;
-                    }
-                },
-            };
+        let Ok(stream) = crate::tls::over(self.spec.tls.as_ref(), stream).await else {
+            self.stats.record_tls_failure();
+            return LinkEnd::Lost;
+        };
+        let (read, write) = tokio::io::split(stream);
         let mut write = Tap::new(write, self.spec.recorder.as_ref());
         let mut reader = FramedRead::new(read, DelimitedCodec::<GatewayMessage>::default());
         let hello = encode(&self.hello());
@@ -847,7 +835,7 @@ impl Device {
 
     async fn connected(
         &mut self,
-        reader: &mut FramedRead<ReadHalf, DelimitedCodec<GatewayMessage>>,
+        reader: &mut Reader,
         write: &mut Writer,
         timing: Timing,
     ) -> LinkEnd {

@@ -36,6 +36,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
+use crate::tls::Io;
+
 const FORMAT: &str = "firmware-sim-record";
 
 /// After a replayed connection's last bytes, how long to wait for the gateway to answer
@@ -368,13 +370,8 @@ async fn replay_connection(
     let Ok(stream) = TcpStream::connect(gateway).await else {
         return failed();
     };
-    let _ = stream.set_nodelay(true);
-    let stream: Box<dyn Io> = match tls {
-        None => Box::new(stream),
-        Some(client) => match tokio::time::timeout(LINGER, client.connect(stream)).await {
-            Ok(Ok(s)) => Box::new(s),
-            _ => return failed(),
-        },
+    let Ok(stream) = crate::tls::over(tls, stream).await else {
+        return failed();
     };
     let (read, mut write) = tokio::io::split(stream);
     let answers = tokio::spawn(count_answers(read));
@@ -433,10 +430,6 @@ pub struct ProxyTls {
     pub upstream: Option<crate::tls::TlsClient>,
 }
 
-/// A byte stream in either direction: plain TCP or TLS.
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
 /// Relays device connections accepted on `listener` to `upstream`, recording what each
 /// device sends, until `stop` resolves. Returns how many connections it relayed.
 pub async fn proxy(
@@ -479,7 +472,8 @@ pub async fn proxy(
             let device: Box<dyn Io> = match &tls.devices {
                 None => Box::new(device),
                 Some(acceptor) => {
-                    match tokio::time::timeout(LINGER, acceptor.accept(device)).await {
+                    let handshake = acceptor.accept(device);
+                    match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok(s)) => Box::new(s),
                         Ok(Err(e)) => return warn_once("a device's TLS handshake failed", &e),
                         Err(_) => return warn_once("a device's TLS handshake timed out", &"10 s"),
@@ -495,14 +489,9 @@ pub async fn proxy(
                     )
                 }
             };
-            let _ = gateway.set_nodelay(true);
-            let gateway: Box<dyn Io> = match &tls.upstream {
-                None => Box::new(gateway),
-                Some(client) => match tokio::time::timeout(LINGER, client.connect(gateway)).await {
-                    Ok(Ok(s)) => Box::new(s),
-                    Ok(Err(e)) => return warn_once("TLS to the gateway failed", &e),
-                    Err(_) => return warn_once("TLS to the gateway timed out", &"10 s"),
-                },
+            let gateway = match crate::tls::over(tls.upstream.as_ref(), gateway).await {
+                Ok(s) => s,
+                Err(e) => return warn_once("TLS to the gateway failed", &e),
             };
             relayed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, "proxy: device connected");

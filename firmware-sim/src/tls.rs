@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use rustls::pki_types::ServerName;
@@ -67,6 +68,31 @@ impl TlsClient {
         self.connector
             .connect(self.server_name.clone(), stream)
             .await
+    }
+}
+
+/// A byte stream to or from a device or the gateway: plain TCP or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Longest a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `stream` as it is (`tls` unset), or with TLS set up over it (within
+/// [`HANDSHAKE_TIMEOUT`]). `Err` when the handshake fails or times out.
+pub async fn over(tls: Option<&TlsClient>, stream: TcpStream) -> std::io::Result<Box<dyn Io>> {
+    let _ = stream.set_nodelay(true);
+    match tls {
+        None => Ok(Box::new(stream)),
+        Some(client) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, client.connect(stream)).await
+        {
+            Ok(Ok(stream)) => Ok(Box::new(stream)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
+        },
     }
 }
 

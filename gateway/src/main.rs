@@ -272,15 +272,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .serial
             .push(gateway::config::SerialPortConfig::from_arg(arg).map_err(anyhow::Error::msg)?);
     }
-    match (args.tls_cert, args.tls_key) {
-        (Some(cert_file), Some(key_file)) => {
-            config.tcp.tls = Some(gateway::config::TcpTlsConfig {
-                cert_file,
-                key_file,
-            })
-        }
-        (None, None) => {}
-        _ => bail!("--tls-cert and --tls-key go together"),
+    // clap makes each of the two require the other.
+    if let (Some(cert_file), Some(key_file)) = (args.tls_cert, args.tls_key) {
+        config.tcp.tls = Some(gateway::config::TcpTlsConfig {
+            cert_file,
+            key_file,
+        });
     }
     config.validate()?;
     if let Some(tls) = &config.tcp.tls {

@@ -52,7 +52,7 @@ pub struct Metrics {
     pub serial_frames_skipped: AtomicU64,
     /// Links closed with an error frame, by `ErrorCode`.
     link_errors: [AtomicU64; ERROR_CODES],
-    /// Readings and events deleted by `store.retention`.
+    /// Readings, events and finished commands deleted by `store.retention`.
     pub rows_pruned: AtomicU64,
     /// TLS handshakes on the device listener that failed or timed out.
     pub tls_handshake_failures: AtomicU64,
@@ -62,11 +62,12 @@ pub struct Metrics {
     pub tls_failure_log: Throttle,
 }
 
-/// At most one WARN per error code in this window; the rest are counted (and logged at
-/// DEBUG), so a storm of bad devices costs a line a minute, not a line a link.
-pub const LINK_ERROR_LOG_WINDOW_MS: u64 = 60_000;
+/// At most one WARN line of a kind (a link error code, a failed TLS handshake) in this
+/// window; the rest are counted (and logged at DEBUG), so a storm of bad devices costs a line
+/// a minute, not a line a link.
+pub const WARN_WINDOW_MS: u64 = 60_000;
 
-/// One kind of WARN line, at most once per [`LINK_ERROR_LOG_WINDOW_MS`].
+/// One kind of WARN line, at most once per [`WARN_WINDOW_MS`].
 #[derive(Debug, Default)]
 pub struct Throttle {
     /// When it was last logged (Unix ms, 0: never).
@@ -80,7 +81,7 @@ impl Throttle {
     /// not logged since the last line, or `None` (counted) within the window of it.
     pub fn check(&self, now_ms: u64) -> Option<u64> {
         let previous = self.logged_ms.load(Ordering::Relaxed);
-        let due = previous == 0 || now_ms.saturating_sub(previous) >= LINK_ERROR_LOG_WINDOW_MS;
+        let due = previous == 0 || now_ms.saturating_sub(previous) >= WARN_WINDOW_MS;
         // Of occurrences at once, the one that moves the stamp logs.
         if due
             && self
@@ -123,7 +124,7 @@ impl Metrics {
 
     /// Whether a link closed with `code` at `now_ms` should be logged at WARN: `Some(n)`
     /// with the closes of that code not logged since the last WARN, or `None` (counted)
-    /// within [`LINK_ERROR_LOG_WINDOW_MS`] of it.
+    /// within [`WARN_WINDOW_MS`] of it.
     pub fn link_error_to_log(&self, code: ErrorCode, now_ms: u64) -> Option<u64> {
         self.link_error_log[Self::code_index(code)].check(now_ms)
     }
@@ -183,11 +184,11 @@ mod tests {
         );
         // After the window the next close logs, saying how many were not.
         assert_eq!(
-            m.link_error_to_log(ErrorCode::AuthFailed, t0 + LINK_ERROR_LOG_WINDOW_MS),
+            m.link_error_to_log(ErrorCode::AuthFailed, t0 + WARN_WINDOW_MS),
             Some(5)
         );
         assert_eq!(
-            m.link_error_to_log(ErrorCode::AuthFailed, t0 + LINK_ERROR_LOG_WINDOW_MS + 1),
+            m.link_error_to_log(ErrorCode::AuthFailed, t0 + WARN_WINDOW_MS + 1),
             None
         );
     }

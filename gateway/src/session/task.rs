@@ -281,10 +281,6 @@ impl Session<'_> {
                 last_seq,
             )
             .await;
-        let ended = match ended {
-            Ok(closed) => Ended::Closed(closed),
-            Err(hello) => Ended::HelloAgain(hello),
-        };
 
         if self.shared.registry.unregister(&device, registration.conn) {
             self.report_status(&device, false, None);
@@ -323,9 +319,9 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// The session after Hello: data, acks and commands until the link closes (`Ok`), or
-    /// until a new Hello (a serial device that restarted) as `Err`, once what this session
-    /// queued is durable and acknowledged.
+    /// The session after Hello: data, acks and commands until the link closes, or until a
+    /// new Hello (a serial device that restarted) once what this session queued is durable
+    /// and acknowledged.
     async fn active<L>(
         &mut self,
         link: &mut L,
@@ -334,7 +330,7 @@ impl Session<'_> {
         device: Arc<str>,
         epoch: u64,
         last_seq: u64,
-    ) -> Result<Closed, Hello>
+    ) -> Ended
     where
         L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
             + Sink<GatewayMessage, Error = CodecError>
@@ -345,7 +341,7 @@ impl Session<'_> {
             server_time_ms: now_ms() as u64,
         }));
         if let Err(closed) = self.send(link, hello_ack).await {
-            return Ok(closed);
+            return Ended::Closed(closed);
         }
         // Commands that waited for this device (at least once: one may also arrive through
         // the registry; devices treat a repeated id as done).
@@ -353,7 +349,7 @@ impl Session<'_> {
             Ok(waiting) => {
                 for command in waiting {
                     if let Err(closed) = self.deliver(link, &device, command).await {
-                        return Ok(closed);
+                        return Ended::Closed(closed);
                     }
                 }
             }
@@ -372,15 +368,15 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    let drained = Box::pin(self.drain(link, &mut acks)).await;
-                    return Ok(drained.err().unwrap_or_else(|| Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down")));
+                    let drained = self.drain(link, &mut acks).await;
+                    return Ended::Closed(drained.err().unwrap_or_else(|| Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down")));
                 }
                 _ = registration.superseded.cancelled() => {
-                    return Ok(Closed::with(ErrorCode::Superseded, "a newer link of this device connected"));
+                    return Ended::Closed(Closed::with(ErrorCode::Superseded, "a newer link of this device connected"));
                 }
                 Ok(()) = acks.changed() => {
                     if let Err(closed) = self.send_ack(link, &mut acks).await {
-                        return Ok(closed);
+                        return Ended::Closed(closed);
                     }
                 }
                 // Also fires right away when the pace changed before this session began.
@@ -390,26 +386,26 @@ impl Session<'_> {
                         min_report_interval_ms: ms,
                     }));
                     if let Err(closed) = self.send(link, update).await {
-                        return Ok(closed);
+                        return Ended::Closed(closed);
                     }
                 }
                 Some(command) = registration.commands.recv() => {
                     if let Err(closed) = self.deliver(link, &device, *command).await {
-                        return Ok(closed);
+                        return Ended::Closed(closed);
                     }
                 }
                 _ = &mut idle => {
-                    return Ok(Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}")));
+                    return Ended::Closed(Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}")));
                 }
                 frame = link.next() => {
                     let msg = match frame {
                         // A device may half-close after its last frame and still read:
                         // answer what it sent before closing our side.
                         None => {
-                            let drained = Box::pin(self.drain(link, &mut acks)).await;
-                            return Ok(drained.err().unwrap_or_else(|| Closed::quietly("peer closed the link")));
+                            let drained = self.drain(link, &mut acks).await;
+                            return Ended::Closed(drained.err().unwrap_or_else(|| Closed::quietly("peer closed the link")));
                         }
-                        Some(Err(e)) => return Ok(Closed { code: codec_error_code(&e), reason: e.to_string() }),
+                        Some(Err(e)) => return Ended::Closed(Closed { code: codec_error_code(&e), reason: e.to_string() }),
                         Some(Ok(msg)) => msg,
                     };
                     idle.as_mut().reset(Instant::now() + idle_timeout);
@@ -424,22 +420,22 @@ impl Session<'_> {
                                 acks: ack_tx.clone(),
                             };
                             if self.shared.writer.send(frame).await.is_err() {
-                                return Ok(Closed::with(ErrorCode::ShuttingDown, "the store is closed"));
+                                return Ended::Closed(Closed::with(ErrorCode::ShuttingDown, "the store is closed"));
                             }
                             self.last_forwarded = seq;
                         }
                         Step::Reply(reply) => {
                             if let Err(closed) = self.send(link, reply).await {
-                                return Ok(closed);
+                                return Ended::Closed(closed);
                             }
                         }
-                        Step::Close(code, reason) => return Ok(Closed::with(code, reason)),
+                        Step::Close(code, reason) => return Ended::Closed(Closed::with(code, reason)),
                         Step::Repeat(seq) => {
                             // The device missed an ack: say again how far it is durable.
                             if seq <= self.last_acked {
                                 let ack = message(gateway_message::Body::Ack(Ack { seq: self.last_acked }));
                                 if let Err(closed) = self.send(link, ack).await {
-                                    return Ok(closed);
+                                    return Ended::Closed(closed);
                                 }
                             }
                         }
@@ -449,9 +445,9 @@ impl Session<'_> {
                         }
                         Step::Authenticate(hello) => {
                             // The device restarted (serial): answer what it sent before.
-                            return match Box::pin(self.drain(link, &mut acks)).await {
-                                Ok(()) => Err(hello),
-                                Err(closed) => Ok(closed),
+                            return match self.drain(link, &mut acks).await {
+                                Ok(()) => Ended::HelloAgain(hello),
+                                Err(closed) => Ended::Closed(closed),
                             };
                         }
                     }

@@ -153,6 +153,24 @@ pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection
     Ok(conn)
 }
 
+/// What one retention step deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Readings.
+    pub readings: u64,
+    /// Events.
+    pub events: u64,
+    /// Finished commands.
+    pub commands: u64,
+}
+
+impl Pruned {
+    /// All rows.
+    pub fn total(&self) -> u64 {
+        self.readings + self.events + self.commands
+    }
+}
+
 impl Batcher {
     /// A batcher writing on `conn`; `uplink` adds outbox rows for the bridge.
     pub fn new(conn: Connection, uplink: bool) -> Self {
@@ -170,11 +188,11 @@ impl Batcher {
         self.cache = Cache::default();
     }
 
-    /// Retention: deletes up to `max_rows` readings, events and finished commands from before
-    /// `cutoff_ms`, in one transaction; returns (readings, events + commands) deleted. The
-    /// readings and events lookups seek per series (per device for events) on the primary
-    /// key, so a step costs what it deletes plus one seek per series. Open commands stay.
-    pub fn prune(&mut self, cutoff_ms: i64, max_rows: i64) -> Result<(u64, u64), StoreError> {
+    /// Retention: deletes up to `max_rows` each of readings, events and finished commands
+    /// from before `cutoff_ms`, in one transaction. The readings and events lookups seek per
+    /// series (per device for events) on the primary key, so a step costs what it deletes
+    /// plus one seek per series. Open commands stay.
+    pub fn prune(&mut self, cutoff_ms: i64, max_rows: i64) -> Result<Pruned, StoreError> {
         let tx = self.conn.transaction()?;
         let readings = tx
             .prepare_cached(
@@ -197,7 +215,11 @@ impl Batcher {
             )?
             .execute(rusqlite::params![cutoff_ms, max_rows])?;
         tx.commit()?;
-        Ok((readings as u64, (events + commands) as u64))
+        Ok(Pruned {
+            readings: readings as u64,
+            events: events as u64,
+            commands: commands as u64,
+        })
     }
 
     /// Deletes the oldest `n` outbox rows (the `drop-oldest` policy); returns (rows, cost).

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use super::batch::Batcher;
+use super::batch::{Batcher, Pruned};
 use super::outbox::Backlog;
 use crate::config::BacklogPolicy;
 use crate::metrics::Metrics;
@@ -122,7 +122,7 @@ pub fn spawn(
         metrics,
         dropping: false,
         retention,
-        pruned: (0, 0),
+        pruned: Pruned::default(),
     };
     let runtime = tokio::runtime::Handle::current();
     let task =
@@ -138,13 +138,12 @@ struct Writer {
     dropping: bool,
     /// `store.retention`.
     retention: Option<Duration>,
-    /// Readings, and events and finished commands, deleted in the current retention pass
-    /// (logged once at its end).
-    pruned: (u64, u64),
+    /// What the current retention pass deleted so far (logged once at its end).
+    pruned: Pruned,
 }
 
-/// Most readings (and events) one retention step deletes: a step runs between batches on
-/// the writer, so it must stay short.
+/// Most readings (and as many events and commands) one retention step deletes: a step runs
+/// between batches on the writer, so it must stay short.
 const PRUNE_STEP_ROWS: i64 = 20_000;
 /// Pause between retention steps while old rows remain (batches run in between).
 const PRUNE_BUSY: Duration = Duration::from_millis(100);
@@ -159,8 +158,10 @@ impl Writer {
             self.wait_for_backlog_room().await;
             // Checked here, not only in the select below: under a steady load frames are
             // always ready, and retention must still get its turn between batches.
-            if self.retention.is_some() && tokio::time::Instant::now() >= prune_at {
-                prune_at = tokio::time::Instant::now() + self.prune_step();
+            if let Some(retention) = self.retention {
+                if tokio::time::Instant::now() >= prune_at {
+                    prune_at = tokio::time::Instant::now() + self.prune_step(retention);
+                }
             }
             let received = tokio::select! {
                 n = rx.recv_many(&mut batch, batch_max_frames) => n,
@@ -204,30 +205,30 @@ impl Writer {
     }
 
     /// One retention step; returns how long to wait before the next.
-    fn prune_step(&mut self) -> Duration {
-        let Some(retention) = self.retention else {
-            return PRUNE_IDLE_MAX;
-        };
+    fn prune_step(&mut self, retention: Duration) -> Duration {
         let idle = (retention / 10).min(PRUNE_IDLE_MAX);
         let cutoff = super::now_ms().saturating_sub(retention.as_millis() as i64);
         match self.batcher.prune(cutoff, PRUNE_STEP_ROWS) {
-            Ok((readings, events)) => {
+            Ok(step) => {
                 self.metrics
                     .rows_pruned
-                    .fetch_add(readings + events, std::sync::atomic::Ordering::Relaxed);
-                self.pruned.0 += readings;
-                self.pruned.1 += events;
-                if readings as i64 == PRUNE_STEP_ROWS || events as i64 == PRUNE_STEP_ROWS {
-                    return PRUNE_BUSY;
+                    .fetch_add(step.total(), std::sync::atomic::Ordering::Relaxed);
+                self.pruned.readings += step.readings;
+                self.pruned.events += step.events;
+                self.pruned.commands += step.commands;
+                let full = PRUNE_STEP_ROWS as u64;
+                if step.readings == full || step.events == full || step.commands == full {
+                    return PRUNE_BUSY; // more remain
                 }
-                if self.pruned != (0, 0) {
+                if self.pruned.total() > 0 {
                     tracing::info!(
-                        readings = self.pruned.0,
-                        events_and_commands = self.pruned.1,
+                        readings = self.pruned.readings,
+                        events = self.pruned.events,
+                        commands = self.pruned.commands,
                         older_than = %humantime::format_duration(retention),
                         "retention: deleted old data"
                     );
-                    self.pruned = (0, 0);
+                    self.pruned = Pruned::default();
                 }
                 idle
             }
