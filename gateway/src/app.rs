@@ -231,10 +231,7 @@ async fn pace_devices(
             _ = tick.tick() => {}
         }
         let Some(fill) = queue.fill() else { return };
-        let backlog_full = metrics
-            .uplink_backlog_full
-            .load(std::sync::atomic::Ordering::Relaxed)
-            != 0;
+        let backlog_full = metrics.uplink_backlog_full.get() != 0;
         if !behind && (fill > BEHIND_FILL || backlog_full) {
             behind = true;
             tracing::warn!(
@@ -263,8 +260,8 @@ async fn report_periodically(metrics: Arc<Metrics>, shutdown: CancellationToken)
             _ = tick.tick() => {}
         }
         let now = (
-            Metrics::get(&metrics.frames_stored),
-            Metrics::get(&metrics.connections_accepted),
+            metrics.frames_stored.get(),
+            metrics.connections_total(),
         );
         if now != last {
             log_summary(&metrics, "running");
@@ -274,19 +271,18 @@ async fn report_periodically(metrics: Arc<Metrics>, shutdown: CancellationToken)
 }
 
 fn log_summary(metrics: &Metrics, state: &str) {
-    use std::sync::atomic::Ordering::Relaxed;
     tracing::info!(
-        mqtt_connected = metrics.mqtt_connected.load(Relaxed),
-        uplink_published = Metrics::get(&metrics.uplink_published),
-        backlog_bytes = metrics.uplink_backlog_bytes.load(Relaxed),
-        uplink_dropped = Metrics::get(&metrics.uplink_dropped),
-        commands = Metrics::get(&metrics.commands_received),
-        sessions = metrics.sessions_active.load(std::sync::atomic::Ordering::Relaxed),
-        connections = Metrics::get(&metrics.connections_accepted),
-        frames_stored = Metrics::get(&metrics.frames_stored),
-        frames_duplicate = Metrics::get(&metrics.frames_duplicate),
-        readings_stored = Metrics::get(&metrics.readings_stored),
-        batches = Metrics::get(&metrics.batches_committed),
+        mqtt_connected = metrics.mqtt_connected.get(),
+        uplink_published = metrics.uplink_published.get(),
+        backlog_bytes = metrics.uplink_backlog_bytes.get(),
+        uplink_dropped = metrics.uplink_dropped.get(),
+        commands = metrics.commands_received.get(),
+        sessions = metrics.sessions_active.get(),
+        connections = metrics.connections_total(),
+        frames_stored = metrics.frames_stored.get(),
+        frames_duplicate = metrics.frames_duplicate.get(),
+        readings_stored = metrics.readings_stored.get(),
+        batches = metrics.batches_committed.get(),
         link_errors = ?metrics.link_error_summary(),
         "gateway {state}"
     );

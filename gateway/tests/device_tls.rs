@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::pki::{pki, write};
@@ -43,7 +42,7 @@ async fn tls_gateway(certs: &Certs) -> TestGateway {
 async fn handshake_failures(gw: &TestGateway, at_least: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let n = gw.metrics.tls_handshake_failures.load(Ordering::Relaxed);
+        let n = gw.metrics.tls_handshake_failures.get();
         if n >= at_least || tokio::time::Instant::now() > deadline {
             return n;
         }

@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::mqtt::{BrokerKind, Subscriber, TestBroker};
@@ -138,7 +137,7 @@ async fn uplink_survives_a_broker_outage(kind: BrokerKind) {
         .await;
     assert_complete_and_in_order(&messages, &stored);
     assert!(
-        gw.metrics.mqtt_connects.load(Ordering::Relaxed) >= 2,
+        gw.metrics.mqtt_connects.get() >= 2,
         "the bridge reconnected"
     );
     gw.stop().await;
@@ -453,10 +452,10 @@ async fn a_full_backlog_under_drop_oldest_drops_the_oldest_and_keeps_the_store()
         report.to_table()
     );
     assert_stored_exactly_once(&gw.db, &report, 4).await;
-    let dropped = gw.metrics.uplink_dropped.load(Ordering::Relaxed);
+    let dropped = gw.metrics.uplink_dropped.get();
     assert!(dropped > 0, "frames were dropped from the uplink");
-    assert!(gw.metrics.uplink_backlog_bytes.load(Ordering::Relaxed) <= 8 * 1024);
-    assert_eq!(gw.metrics.uplink_backlog_full.load(Ordering::Relaxed), 1);
+    assert!(gw.metrics.uplink_backlog_bytes.get() <= 8 * 1024);
+    assert_eq!(gw.metrics.uplink_backlog_full.get(), 1);
 
     // Once the broker is reachable, what is left (the newest frames) goes out.
     let sub = Subscriber::start(broker.port, TELEMETRY).await;
@@ -502,20 +501,20 @@ async fn a_full_backlog_under_slow_holds_acks_until_the_broker_returns() {
     }));
     // Wait for the budget to be reached, then see ingest held.
     for _ in 0..200 {
-        if gw.metrics.uplink_backlog_full.load(Ordering::Relaxed) == 1 {
+        if gw.metrics.uplink_backlog_full.get() == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(
-        gw.metrics.uplink_backlog_full.load(Ordering::Relaxed),
+        gw.metrics.uplink_backlog_full.get(),
         1,
         "the budget was reached"
     );
-    let held = gw.metrics.frames_stored.load(Ordering::Relaxed);
+    let held = gw.metrics.frames_stored.get();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        gw.metrics.frames_stored.load(Ordering::Relaxed),
+        gw.metrics.frames_stored.get(),
         held,
         "nothing is stored while the backlog is full"
     );
@@ -527,11 +526,7 @@ async fn a_full_backlog_under_slow_holds_acks_until_the_broker_returns() {
         "every frame is acked once the broker is back: {}",
         report.to_table()
     );
-    assert_eq!(
-        gw.metrics.uplink_dropped.load(Ordering::Relaxed),
-        0,
-        "slow never drops"
-    );
+    assert_eq!(gw.metrics.uplink_dropped.get(), 0, "slow never drops");
     assert!(
         report.config_updates >= 5,
         "every device was asked to report less often: {}",

@@ -5,7 +5,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::mqtt::Subscriber;
@@ -78,7 +77,7 @@ async fn mqtts_with_a_ca_file_and_client_certificate_reaches_mosquitto() {
     })
     .await;
     assert!(report.is_clean(), "{}", report.to_table());
-    assert_eq!(refused.metrics.mqtt_connects.load(Ordering::Relaxed), 0);
+    assert_eq!(refused.metrics.mqtt_connects.get(), 0);
     refused.stop().await;
 
     let url = format!("mqtts://127.0.0.1:{tls}");
@@ -113,6 +112,6 @@ async fn mqtts_with_a_ca_file_and_client_certificate_reaches_mosquitto() {
         "{telemetry} of {} frames over TLS",
         report.frames_acked
     );
-    assert!(gw.metrics.mqtt_connects.load(Ordering::Relaxed) >= 1);
+    assert!(gw.metrics.mqtt_connects.get() >= 1);
     gw.stop().await;
 }

@@ -118,7 +118,7 @@ async fn next_deadline(ctx: &Context) -> Option<i64> {
 /// Stores and routes one request; returns its deadline if it is now open.
 async fn handle(ctx: &Context, incoming: Incoming) -> Option<i64> {
     let now = now_ms();
-    ctx.metrics.inc(&ctx.metrics.commands_received);
+    ctx.metrics.commands_received.inc();
     let command = match parse(&incoming, ctx.config.command_timeout, now) {
         Ok(c) => c,
         Err((id, detail)) => {

@@ -85,8 +85,8 @@ pub async fn run(
                         connected = true;
                         failure_logged = false;
                         backoff = ctx.config.reconnect_min;
-                        ctx.metrics.mqtt_connected.store(1, Ordering::Relaxed);
-                        ctx.metrics.inc(&ctx.metrics.mqtt_connects);
+                        ctx.metrics.mqtt_connected.set(1);
+                        ctx.metrics.mqtt_connects.inc();
                         info!(%broker, "connected to the MQTT broker");
                         let start_after = lock(&tracker).watermark();
                         let publisher_task = publish(
@@ -115,7 +115,7 @@ pub async fn run(
                         };
                         let incoming = Incoming { device_id: device_id.to_owned(), payload: p.payload };
                         if commands_tx.try_send(incoming).is_err() {
-                            ctx.metrics.inc(&ctx.metrics.commands_dropped);
+                            ctx.metrics.commands_dropped.inc();
                             if !commands_full_logged {
                                 warn!("command queue full: dropping commands (counted in commands_dropped)");
                                 commands_full_logged = true;
@@ -133,7 +133,7 @@ pub async fn run(
             p.abort();
             let _ = p.await;
         }
-        ctx.metrics.mqtt_connected.store(0, Ordering::Relaxed);
+        ctx.metrics.mqtt_connected.set(0);
         let Some(failure) = failure else {
             if connected {
                 say_goodbye(&ctx, &client, &mut eventloop, &tracker, &watermark_tx).await;
@@ -206,9 +206,7 @@ async fn cursor_task(ctx: Arc<Context>, mut watermark: watch::Receiver<i64>, sta
             match outbox::delete_upto(ctx.pool(), upto).await {
                 Ok((rows, bytes)) => {
                     ctx.backlog.removed(bytes);
-                    ctx.metrics
-                        .uplink_published
-                        .fetch_add(rows, Ordering::Relaxed);
+                    ctx.metrics.uplink_published.inc_by(rows);
                     deleted = upto;
                 }
                 Err(e) => {
@@ -394,7 +392,7 @@ async fn publish(
                 Ok(body) => send(&p.client, &p.tracker, Some(row.id), topic, false, body).await?,
                 Err(e) => {
                     warn!(id = row.id, error = %e, "an outbox row does not decode; skipped");
-                    ctx.metrics.inc(&ctx.metrics.uplink_skipped);
+                    ctx.metrics.uplink_skipped.inc();
                     let w = lock(&p.tracker).skip(row.id);
                     advance(&watermark, w);
                 }

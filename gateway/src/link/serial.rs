@@ -60,7 +60,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Stream for SerialLink<T> {
                     return Poll::Ready(Some(Ok(msg)));
                 }
                 Some(Ok(Err(bad))) => {
-                    self.metrics.inc(&self.metrics.serial_bad_frames);
+                    self.metrics.serial_bad_frames.inc();
                     self.burst += 1;
                     debug!(reason = %bad, in_a_row = self.burst, "serial frame dropped");
                     if self.burst >= self.max_burst {
@@ -147,7 +147,7 @@ pub async fn run_port(
                     shared.clone(),
                     link,
                     LinkKind::Serial,
-                    format!("serial {path}"),
+                    path.to_string(),
                     shutdown.clone(),
                 )
                 .await;

@@ -48,13 +48,12 @@ pub async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     accept_errors_logged = false;
-                    shared.metrics.inc(&shared.metrics.connections_accepted);
                     let _ = stream.set_nodelay(true);
                     // Two task types, so a plain link's task is not sized for a TLS one.
                     match &tls {
                         None => {
                             let link = framed(stream, max_frame_bytes);
-                            sessions.spawn(task::run(shared.clone(), link, LinkKind::Tcp, format!("tcp {peer}"), shutdown.clone()));
+                            sessions.spawn(task::run(shared.clone(), link, LinkKind::Tcp, peer.to_string(), shutdown.clone()));
                         }
                         Some(acceptor) => {
                             sessions.spawn(serve_tls(shared.clone(), stream, peer, acceptor.clone(), max_frame_bytes, shutdown.clone()));
@@ -103,14 +102,14 @@ async fn serve_tls(
     let failure = match handshake {
         Ok(Ok(stream)) => {
             let link = framed(stream, max_frame_bytes);
-            return task::run(shared, link, LinkKind::Tcp, format!("tls {peer}"), shutdown).await;
+            return task::run(shared, link, LinkKind::Tls, peer.to_string(), shutdown).await;
         }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no TLS handshake within the hello timeout".to_owned(),
     };
     // No error frame is possible before TLS is up: count it, log it (throttled), close.
     let metrics = &shared.metrics;
-    metrics.inc(&metrics.tls_handshake_failures);
+    metrics.tls_handshake_failures.inc();
     match metrics.tls_failure_log.check(crate::store::now_ms() as u64) {
         Some(unlogged) => tracing::warn!(
             %peer,

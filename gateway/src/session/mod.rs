@@ -20,6 +20,8 @@ use crate::store::writer::WriterHandle;
 pub enum LinkKind {
     /// TCP: reliable and ordered; seqs may have gaps.
     Tcp,
+    /// TLS over TCP: as TCP.
+    Tls,
     /// A serial line: frames can be lost to noise, so seqs must follow on without gaps.
     Serial,
 }
@@ -29,6 +31,7 @@ impl LinkKind {
     pub fn as_str(self) -> &'static str {
         match self {
             LinkKind::Tcp => "tcp",
+            LinkKind::Tls => "tls",
             LinkKind::Serial => "serial",
         }
     }

@@ -73,7 +73,7 @@ fn message(body: gateway_message::Body) -> GatewayMessage {
 }
 
 /// Runs one link to its end. `kind` decides the seq rules and shows in device status;
-/// `peer` names it in logs ("tcp 127.0.0.1:5555").
+/// `peer` is its address (`127.0.0.1:5555`, or the serial port's path) for logs and the API.
 pub async fn run<L>(
     shared: Arc<Shared>,
     link: L,
@@ -87,7 +87,8 @@ pub async fn run<L>(
 {
     // Every line a link logs names its peer and, once known, its device. Info level, so a
     // warning about a bad frame says whose it was.
-    let span = tracing::info_span!("link", %peer, device = tracing::field::Empty);
+    let span = tracing::info_span!("link", link = kind.as_str(), %peer, device = tracing::field::Empty);
+    shared.metrics.record_connection(kind.as_str());
     run_in(shared, link, kind, shutdown, span.clone())
         .instrument(span)
         .await
@@ -110,11 +111,11 @@ async fn run_in<L>(
         // A serial port is dedicated to its device, which may boot long after the port
         // opens: only TCP links must say Hello in time.
         hello_timeout: match kind {
-            LinkKind::Tcp => shared.config.hello_timeout,
+            LinkKind::Tcp | LinkKind::Tls => shared.config.hello_timeout,
             LinkKind::Serial => Duration::from_secs(365 * 24 * 3600),
         },
         state: match kind {
-            LinkKind::Tcp => SessionState::new(),
+            LinkKind::Tcp | LinkKind::Tls => SessionState::new(),
             LinkKind::Serial => SessionState::new_contiguous(),
         },
         last_forwarded: 0,
@@ -265,10 +266,7 @@ impl Session<'_> {
         let mut registration = self.shared.registry.register(&device, self.kind);
         self.report_status(&device, true, Some(hello.firmware_version.clone()));
         self.state.activate(device.clone(), hello.epoch, last_seq);
-        self.shared
-            .metrics
-            .sessions_active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.metrics.sessions_active.inc_by(1);
         debug!(epoch = hello.epoch, last_seq, firmware = %hello.firmware_version, "device said hello");
 
         let ended = self
@@ -285,10 +283,7 @@ impl Session<'_> {
         if self.shared.registry.unregister(&device, registration.conn) {
             self.report_status(&device, false, None);
         }
-        self.shared
-            .metrics
-            .sessions_active
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.metrics.sessions_active.dec_by(1);
         ended
     }
 
@@ -440,7 +435,7 @@ impl Session<'_> {
                             }
                         }
                         Step::Skip(seq) => {
-                            self.shared.metrics.inc(&self.shared.metrics.serial_frames_skipped);
+                            self.shared.metrics.serial_frames_skipped.inc();
                             debug!(seq, "frame past a gap skipped; the device resends from the missing one");
                         }
                         Step::Authenticate(hello) => {

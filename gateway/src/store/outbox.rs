@@ -94,9 +94,7 @@ impl Backlog {
         ))
         .fetch_one(pool)
         .await?;
-        metrics
-            .uplink_backlog_bytes
-            .store(bytes.max(0), Ordering::Relaxed);
+        metrics.uplink_backlog_bytes.set(bytes.max(0));
         Ok(Self {
             bytes: AtomicU64::new(bytes.max(0) as u64),
             budget,
@@ -130,9 +128,7 @@ impl Backlog {
     /// Rows worth `bytes` were committed.
     pub fn added(&self, bytes: u64) {
         let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.metrics
-            .uplink_backlog_bytes
-            .store(now as i64, Ordering::Relaxed);
+        self.metrics.uplink_backlog_bytes.set(now as i64);
         self.added.notify_one();
     }
 
@@ -146,22 +142,18 @@ impl Backlog {
             .unwrap_or(0);
         self.metrics
             .uplink_backlog_bytes
-            .store(before.saturating_sub(bytes) as i64, Ordering::Relaxed);
+            .set(before.saturating_sub(bytes) as i64);
         self.freed.notify_waiters();
     }
 
     /// `frames` unpublished rows were dropped by the `drop-oldest` policy.
     pub fn dropped(&self, frames: u64) {
-        self.metrics
-            .uplink_dropped
-            .fetch_add(frames, Ordering::Relaxed);
+        self.metrics.uplink_dropped.inc_by(frames);
     }
 
     /// Marks whether the budget's policy is in force.
     pub fn set_full(&self, full: bool) {
-        self.metrics
-            .uplink_backlog_full
-            .store(i64::from(full), Ordering::Relaxed);
+        self.metrics.uplink_backlog_full.set(i64::from(full));
     }
 }
 

@@ -170,10 +170,15 @@ impl Writer {
             if received == 0 {
                 break;
             }
+            let started = std::time::Instant::now();
             match self.batcher.commit(&batch) {
                 Ok(stored) => {
-                    self.metrics
-                        .record_batch(batch.len() as u64, stored.frames, stored.readings);
+                    self.metrics.record_batch(
+                        batch.len() as u64,
+                        stored.frames,
+                        stored.readings,
+                        started.elapsed().as_secs_f64(),
+                    );
                     if let Some(backlog) = &self.backlog {
                         backlog.added(stored.outbox_bytes);
                     }
@@ -192,7 +197,7 @@ impl Writer {
                     // Nothing of this batch was acknowledged; its devices resend after
                     // reconnecting. Interned ids may have been rolled back: forget them.
                     tracing::error!(error = %e, frames = batch.len(), "store commit failed; closing the links of this batch");
-                    self.metrics.inc(&self.metrics.commit_failures);
+                    self.metrics.commit_failures.inc();
                     self.batcher.forget();
                     for frame in &batch {
                         frame.acks.send_modify(|d| d.failed = true);
@@ -210,9 +215,7 @@ impl Writer {
         let cutoff = super::now_ms().saturating_sub(retention.as_millis() as i64);
         match self.batcher.prune(cutoff, PRUNE_STEP_ROWS) {
             Ok(step) => {
-                self.metrics
-                    .rows_pruned
-                    .fetch_add(step.total(), std::sync::atomic::Ordering::Relaxed);
+                self.metrics.rows_pruned.inc_by(step.total());
                 self.pruned.readings += step.readings;
                 self.pruned.events += step.events;
                 self.pruned.commands += step.commands;
@@ -283,7 +286,7 @@ impl Writer {
             self.dropping = false;
             backlog.set_full(false);
             tracing::info!(
-                dropped_total = Metrics::get(&self.metrics.uplink_dropped),
+                dropped_total = self.metrics.uplink_dropped.get(),
                 "uplink backlog under budget again: no longer dropping"
             );
         }
