@@ -12,6 +12,7 @@ pub mod ceiling;
 pub mod config;
 pub mod link;
 pub mod metrics;
+pub mod payload;
 pub mod registry;
 pub mod session;
 pub mod store;

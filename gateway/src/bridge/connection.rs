@@ -246,7 +246,8 @@ struct Publisher {
 
 impl Publisher {
     async fn status(&mut self, change: &StatusChange) -> Result<(), ClientError> {
-        let body = payload::status_json(
+        let body = crate::payload::status_json(
+            None,
             change.online,
             change.ts_ms,
             Some(change.link),
@@ -307,7 +308,7 @@ impl Publisher {
         let now = now_ms();
         for device in &devices {
             let link = online.get(device).copied();
-            let body = payload::status_json(link.is_some(), now, link, None);
+            let body = crate::payload::status_json(None, link.is_some(), now, link, None);
             send(
                 &self.client,
                 &self.tracker,

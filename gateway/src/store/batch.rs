@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, Transaction};
 use super::outbox::{row_cost, Kind};
 use super::writer::{FrameBody, WriteFrame};
 use super::{u64_from_sql, u64_to_sql, StoreError, STORE_PRAGMAS};
-use crate::bridge::payload;
+use crate::payload::{self, timestamp};
 use crate::config::Durability;
 
 /// Caches grow with devices x sensors and epochs; past this many entries they are dropped
@@ -105,15 +105,6 @@ impl Cache {
     }
 }
 
-/// A device timestamp, or the receive time where the device sent 0.
-fn timestamp(device_ms: u64, received_ms: i64) -> i64 {
-    if device_ms == 0 {
-        received_ms
-    } else {
-        // The session rejects timestamps above i64::MAX.
-        device_ms as i64
-    }
-}
 
 /// What one commit stored.
 #[derive(Debug, Default)]

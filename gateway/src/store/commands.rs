@@ -8,7 +8,7 @@ use sqlx::SqlitePool;
 
 use super::outbox::{self, Kind};
 use super::StoreError;
-use crate::bridge::payload::command_result_json;
+use crate::payload::command_result_json;
 
 /// A command as it arrived from MQTT, validated.
 #[derive(Debug, Clone)]
