@@ -12,14 +12,20 @@ use tokio::net::TcpListener;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin;
+use crate::api::{self, auth::Token, ApiState};
 use crate::auth::Authenticator;
 use crate::bridge;
 use crate::broker;
+use crate::commands::Desk;
 use crate::config::{AuthMode, Config};
 use crate::link::{serial, tcp};
+use crate::live::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::session::{Shared, Timers};
+use crate::stats::Stats;
+use crate::store::devices;
 use crate::store::outbox::Backlog;
 use crate::store::{writer, Store};
 
@@ -33,6 +39,8 @@ pub struct Inputs {
     pub fleet_secret: Option<Vec<u8>>,
     /// Counters; pass your own to read them afterwards.
     pub metrics: Arc<Metrics>,
+    /// The bound HTTP listener of the operator API, and its token; `None`: no HTTP.
+    pub http: Option<(TcpListener, String)>,
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains and returns.
@@ -42,6 +50,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         listener,
         fleet_secret,
         metrics,
+        http,
     } = inputs;
     let tls = match &config.tcp.tls {
         Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
@@ -58,11 +67,12 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         .writer_connection()
         .context("opening the store writer's connection")?;
     let registry = Arc::new(Registry::default());
+    let hub = Hub::new(config.http.live_buffer);
     // The bridge outlives the sessions and the writer on shutdown, so it stops on its own
     // token.
     let bridge_shutdown = CancellationToken::new();
-    let (backlog, bridge) = if config.mqtt.enabled {
-        let url = match &config.mqtt.url {
+    let broker_url = if config.mqtt.enabled {
+        Some(match &config.mqtt.url {
             Some(url) => url.clone(),
             None if config.mqtt.embedded.enabled => {
                 let listen = config.mqtt.embedded.listen;
@@ -71,8 +81,12 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             None => anyhow::bail!(
                 "mqtt.enabled is true, but mqtt.url is unset and the embedded broker is off: set mqtt.url, or mqtt.enabled = false"
             ),
-        };
-        let backlog = Arc::new(
+        })
+    } else {
+        None
+    };
+    let backlog = match &broker_url {
+        Some(_) => Some(Arc::new(
             Backlog::load(
                 store.pool(),
                 config.mqtt.backlog.max_bytes,
@@ -81,24 +95,38 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             )
             .await
             .context("reading the MQTT backlog")?,
-        );
-        tracing::info!(%url, gateway_id = %config.mqtt.gateway_id, backlog_bytes = backlog.bytes(), "bridging to MQTT");
-        let (handle, task) = bridge::spawn(
-            bridge::Parts {
-                config: config.mqtt.clone(),
-                url,
-                pool: store.pool().clone(),
-                backlog: backlog.clone(),
-                registry: registry.clone(),
-                metrics: metrics.clone(),
-            },
-            bridge_shutdown.clone(),
-        )
-        .await
-        .context("starting the MQTT bridge")?;
-        (Some(backlog), Some((handle, task)))
-    } else {
-        (None, None)
+        )),
+        None => None,
+    };
+    let desk = Arc::new(Desk::new(
+        store.pool().clone(),
+        registry.clone(),
+        metrics.clone(),
+        hub.clone(),
+        backlog.clone(),
+        config.mqtt.command_timeout,
+    ));
+    let bridge = match (broker_url, &backlog) {
+        (Some(url), Some(backlog)) => {
+            tracing::info!(%url, gateway_id = %config.mqtt.gateway_id, backlog_bytes = backlog.bytes(), "bridging to MQTT");
+            Some(
+                bridge::spawn(
+                    bridge::Parts {
+                        config: config.mqtt.clone(),
+                        url,
+                        pool: store.pool().clone(),
+                        backlog: backlog.clone(),
+                        registry: registry.clone(),
+                        metrics: metrics.clone(),
+                        commands: desk.clone(),
+                    },
+                    bridge_shutdown.clone(),
+                )
+                .await
+                .context("starting the MQTT bridge")?,
+            )
+        }
+        _ => None,
     };
     let (writer, writer_task) = writer::spawn(
         writer_conn,
@@ -107,12 +135,15 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         backlog.clone(),
         config.store.retention,
         metrics.clone(),
+        hub.clone(),
     );
     if config.auth.mode == AuthMode::None {
         tracing::warn!("auth.mode = none: every device is accepted without checking its token");
     }
     let shutdown_timeout = config.shutdown.timeout;
     let (pace_tx, pace) = tokio::sync::watch::channel(0u32);
+    let (hellos, hellos_rx) = tokio::sync::mpsc::channel(devices::HELLO_QUEUE);
+    let hello_recorder = tokio::spawn(devices::record_hellos(store.pool().clone(), hellos_rx));
     let shared = Arc::new(Shared {
         writer,
         auth: Authenticator::new(config.auth.mode, fleet_secret, store.pool().clone()),
@@ -126,8 +157,60 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             drain_timeout: shutdown_timeout / 2,
         },
         bridge: bridge.as_ref().map(|(handle, _)| handle.clone()),
-        pace,
+        hub: hub.clone(),
+        hellos,
+        pace: pace.clone(),
     });
+    // Background parts stop on their own token, after the links have drained.
+    let background = CancellationToken::new();
+    let stats = Arc::new(Stats::new(
+        metrics.clone(),
+        shared.writer.probe(),
+        store.pool().clone(),
+        db_path.clone(),
+        config.mqtt.enabled,
+    ));
+    let sampler = tokio::spawn(stats.clone().run(background.clone()));
+    let deadlines = tokio::spawn(desk.clone().run_deadlines(background.clone()));
+    let revocations = tokio::spawn(admin::watch_revocations(
+        store.pool().clone(),
+        shared.registry.clone(),
+        background.clone(),
+    ));
+    let http_task = match http {
+        Some((listener, token)) => {
+            let tls = match &config.http.tls {
+                Some(t) => Some(crate::tls::server_config_for(
+                    "http.tls",
+                    &t.cert_file,
+                    &t.key_file,
+                )?),
+                None => None,
+            };
+            let state = Arc::new(ApiState {
+                pool: store.pool().clone(),
+                registry: shared.registry.clone(),
+                metrics: metrics.clone(),
+                stats: stats.clone(),
+                hub: hub.clone(),
+                commands: desk.clone(),
+                token: Token::new(&token),
+                protect_all: config.http.protect_all,
+                mqtt_enabled: config.mqtt.enabled,
+                pace: pace.clone(),
+                max_live_clients: config.http.max_live_clients,
+                live_ping: config.http.live_ping,
+                shutdown: shutdown.clone(),
+            });
+            Some(tokio::spawn(api::serve(
+                listener,
+                tls,
+                state,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let pacer = tokio::spawn(pace_devices(
         shared.writer.probe(),
         metrics.clone(),
@@ -198,6 +281,19 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             tracing::warn!("the MQTT bridge did not stop in time");
         }
     }
+    // The API finished its open requests when `shutdown` fired; bounded all the same.
+    if let Some(task) = http_task {
+        match timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the HTTP server failed"),
+            Ok(Err(_)) | Err(_) => tracing::warn!("the HTTP server did not stop in time"),
+        }
+    }
+    background.cancel();
+    for task in [sampler, deadlines, revocations] {
+        let _ = task.await;
+    }
+    let _ = timeout(Duration::from_secs(2), hello_recorder).await;
     reporter.abort();
     pacer.abort();
     log_summary(&metrics, "stopped");
@@ -241,10 +337,12 @@ async fn pace_devices(
                 humantime::format_duration(slow_interval)
             );
             pace.send_replace(slow_ms);
+            metrics.pacing_interval.set(slow_interval.as_secs_f64());
         } else if behind && fill < CAUGHT_UP_FILL && !backlog_full {
             behind = false;
             tracing::info!("caught up: devices may report at their own rate again");
             pace.send_replace(0);
+            metrics.pacing_interval.set(0.0);
         }
     }
 }
@@ -259,10 +357,7 @@ async fn report_periodically(metrics: Arc<Metrics>, shutdown: CancellationToken)
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = (
-            metrics.frames_stored.get(),
-            metrics.connections_total(),
-        );
+        let now = (metrics.frames_stored.get(), metrics.connections_total());
         if now != last {
             log_summary(&metrics, "running");
             last = now;

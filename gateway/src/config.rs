@@ -49,6 +49,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// Serial ports, one device session each (`[[serial]]`, any number).
     pub serial: Vec<SerialPortConfig>,
+    /// The operator API, metrics and live feed.
+    pub http: crate::api::config::HttpConfig,
 }
 
 /// Parity of a serial line.
@@ -689,7 +691,16 @@ impl Config {
                 ));
             }
         }
+        self.http.validate()?;
         self.mqtt.validate()
+    }
+
+    /// The API token file: `http.token_file`, or `<data_dir>/api.token`.
+    pub fn api_token_path(&self) -> PathBuf {
+        self.http
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.0.join("api.token"))
     }
 
     /// The SQLite file: `store.path`, or `<data_dir>/gateway.db`.

@@ -4,16 +4,21 @@
 //! `main.rs` is a thin shell around it that reads files, parses the command line and installs
 //! signal handlers.
 
+pub mod admin;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod ceiling;
+pub mod commands;
 pub mod config;
 pub mod link;
+pub mod live;
 pub mod metrics;
 pub mod payload;
 pub mod registry;
 pub mod session;
+pub mod stats;
 pub mod store;
 pub mod tls;

@@ -37,6 +37,9 @@ struct Common {
     /// SQLite file (overrides store.path).
     #[arg(long)]
     db: Option<PathBuf>,
+    /// Directory for the gateway's files (overrides data_dir).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +118,21 @@ struct RunArgs {
     /// Run without the MQTT bridge (sets mqtt.enabled = false).
     #[arg(long, conflicts_with = "mqtt")]
     no_mqtt: bool,
+    /// HTTP API, metrics and live feed address (overrides http.listen), e.g. 0.0.0.0:8080;
+    /// port 0 picks a free one (printed).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// The HTTP API token (overrides http.token and the token file).
+    #[arg(
+        long,
+        env = "GATEWAY_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    api_token: Option<String>,
+    /// Run without the HTTP API (sets http.enabled = false).
+    #[arg(long, conflicts_with = "http")]
+    no_http: bool,
 }
 
 #[derive(Subcommand)]
@@ -204,19 +222,23 @@ fn load_config(common: &Common) -> anyhow::Result<Config> {
         }
         None => Config::default(),
     };
+    if let Some(dir) = &common.data_dir {
+        config.data_dir.0 = dir.clone();
+    }
     if let Some(db) = &common.db {
         config.store.path = Some(db.clone());
     }
     Ok(config)
 }
 
-/// Reads the fleet secret file, or creates it with a fresh random secret (mode 0600).
-fn load_or_create_secret(path: &Path) -> anyhow::Result<(Vec<u8>, bool)> {
+/// Reads a secret file (the fleet secret, the API token), or creates it with a fresh random
+/// secret (mode 0600). `what` names it in errors.
+fn load_or_create_secret(path: &Path, what: &str) -> anyhow::Result<(Vec<u8>, bool)> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let secret = text.trim();
             if secret.is_empty() {
-                bail!("fleet secret file {} is empty", path.display());
+                bail!("{what} file {} is empty", path.display());
             }
             Ok((secret.as_bytes().to_vec(), false))
         }
@@ -234,12 +256,12 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<(Vec<u8>, bool)> {
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             let mut file = options
                 .open(path)
-                .with_context(|| format!("creating fleet secret file {}", path.display()))?;
+                .with_context(|| format!("creating {what} file {}", path.display()))?;
             std::io::Write::write_all(&mut file, format!("{secret}\n").as_bytes())
-                .with_context(|| format!("writing fleet secret file {}", path.display()))?;
+                .with_context(|| format!("writing {what} file {}", path.display()))?;
             Ok((secret.into_bytes(), true))
         }
-        Err(e) => Err(e).with_context(|| format!("reading fleet secret file {}", path.display())),
+        Err(e) => Err(e).with_context(|| format!("reading {what} file {}", path.display())),
     }
 }
 
@@ -260,6 +282,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if args.no_mqtt {
         config.mqtt.enabled = false;
+    }
+    if let Some(addr) = args.http {
+        config.http.listen = addr;
+        config.http.enabled = true;
+    }
+    if args.no_http {
+        config.http.enabled = false;
+    }
+    if let Some(token) = args.api_token {
+        config.http.token = Some(token);
     }
     if let Some(interval) = args.slow_report_interval {
         config.session.slow_report_interval = interval;
@@ -284,6 +316,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Refuse a bad certificate before listening, naming the file.
         gateway::tls::server_config(&tls.cert_file, &tls.key_file)?;
     }
+    if let Some(tls) = config.http.tls.as_ref().filter(|_| config.http.enabled) {
+        gateway::tls::server_config_for("http.tls", &tls.cert_file, &tls.key_file)?;
+    }
 
     let fleet_secret = match (
         &config.auth.mode,
@@ -294,7 +329,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (_, true, Some(secret)) => Some(secret.as_bytes().to_vec()),
         (_, true, None) => {
             let path = config.fleet_secret_path();
-            let (secret, created) = load_or_create_secret(&path)?;
+            let (secret, created) = load_or_create_secret(&path, "fleet secret")?;
             if created {
                 println!("fleet secret: created {}", path.display());
             } else {
@@ -308,6 +343,37 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the device listener on {}", config.tcp.listen))?;
     let local = listener.local_addr()?;
+    let http = if config.http.enabled {
+        let token = match &config.http.token {
+            Some(token) => token.trim().to_owned(),
+            None => {
+                let path = config.api_token_path();
+                let (token, created) = load_or_create_secret(&path, "API token")?;
+                let verb = if created { "created " } else { "" };
+                println!("api token: {verb}{}", path.display());
+                String::from_utf8(token).context("the API token file is not UTF-8")?
+            }
+        };
+        let http = TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the HTTP listener on {} (http.listen; --no-http turns it off)",
+                    config.http.listen
+                )
+            })?;
+        let scheme = if config.http.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("http: listening on {scheme}://{}", http.local_addr()?);
+        Some((http, token))
+    } else {
+        println!("http: off");
+        None
+    };
+
     println!("store: {}", config.db_path().display());
     match (&config.mqtt.enabled, &config.mqtt.url) {
         (false, _) => println!("mqtt: off"),
@@ -337,6 +403,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             listener,
             fleet_secret,
             metrics: Arc::default(),
+            http,
         },
         shutdown,
     )
@@ -405,7 +472,7 @@ async fn devices_cmd(command: DevicesCommand, common: Common) -> anyhow::Result<
             if !devices::revoke(store.pool(), &id).await? {
                 bail!("no device {id:?} in {}", path.display());
             }
-            eprintln!("device {id:?} revoked: its next Hello is refused");
+            eprintln!("device {id:?} revoked: its next Hello is refused, and a running gateway closes its live link within about a second");
         }
     }
     Ok(())

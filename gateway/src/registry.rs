@@ -1,12 +1,14 @@
-//! The device registry: which link currently speaks for each device, and how to reach it.
+//! The device registry: which link currently speaks for each device, what it said at Hello,
+//! and how to reach it.
 //!
 //! The newest connection wins: registering a device that already has a link cancels the old
-//! link's `superseded` token, and that link closes with `ERROR_CODE_SUPERSEDED`. Each entry
-//! holds a bounded sender of commands for the link. Short critical sections under a mutex;
-//! nothing awaits while holding it.
+//! link's `superseded` token, and that link closes with `ERROR_CODE_SUPERSEDED`. An operator's
+//! revoke cancels the link's `revoked` token, and it closes with `ERROR_CODE_DEVICE_REVOKED`
+//! at once. Each entry holds a bounded sender of commands for the link and the link's
+//! last-heard clock. Short critical sections under a mutex; nothing awaits while holding it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use proto::v1::Command;
@@ -17,10 +19,36 @@ use tokio_util::sync::CancellationToken;
 /// store and is delivered at the device's next connection (or expires).
 const COMMAND_QUEUE: usize = 64;
 
+/// What a link said about itself at Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// `tcp`, `tls` or `serial`.
+    pub link: &'static str,
+    /// The peer address, or the serial port's path.
+    pub peer: Arc<str>,
+    /// Firmware version from Hello.
+    pub firmware_version: String,
+    /// The epoch of its session.
+    pub epoch: u64,
+    /// When it said Hello, Unix ms.
+    pub connected_ms: i64,
+}
+
+/// A device's current link as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Online {
+    /// What it said at Hello.
+    pub info: LinkInfo,
+    /// When anything was last received on it, Unix ms.
+    pub last_seen_ms: i64,
+}
+
 struct Entry {
     conn: u64,
-    link: &'static str,
+    info: LinkInfo,
+    last_seen_ms: Arc<AtomicI64>,
     superseded: CancellationToken,
+    revoked: CancellationToken,
     /// Boxed: the channel allocates its first block of slots up front, per link.
     commands: mpsc::Sender<Box<Command>>,
 }
@@ -38,23 +66,30 @@ pub struct Registration {
     pub conn: u64,
     /// Cancelled when a newer link of the same device registers.
     pub superseded: CancellationToken,
+    /// Cancelled when an operator revokes the device.
+    pub revoked: CancellationToken,
     /// Commands routed to this link while it is current.
     pub commands: mpsc::Receiver<Box<Command>>,
+    /// The link stores the time of each message it receives here.
+    pub last_seen_ms: Arc<AtomicI64>,
 }
 
 impl Registry {
-    /// Makes this link (of kind `link`, e.g. "tcp") the device's current one, superseding any
-    /// older link.
-    pub fn register(&self, device: &Arc<str>, link: &'static str) -> Registration {
+    /// Makes this link the device's current one, superseding any older link.
+    pub fn register(&self, device: &Arc<str>, info: LinkInfo) -> Registration {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let superseded = CancellationToken::new();
+        let revoked = CancellationToken::new();
+        let last_seen_ms = Arc::new(AtomicI64::new(info.connected_ms));
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let old = self.lock().insert(
             device.clone(),
             Entry {
                 conn,
-                link,
+                info,
+                last_seen_ms: last_seen_ms.clone(),
                 superseded: superseded.clone(),
+                revoked: revoked.clone(),
                 commands: tx,
             },
         );
@@ -64,7 +99,9 @@ impl Registry {
         Registration {
             conn,
             superseded,
+            revoked,
             commands,
+            last_seen_ms,
         }
     }
 
@@ -79,6 +116,14 @@ impl Registry {
         }
     }
 
+    /// Closes the device's current link with `DEVICE_REVOKED`; false if it has none.
+    pub fn revoke(&self, device: &str) -> bool {
+        self.lock().get(device).is_some_and(|e| {
+            e.revoked.cancel();
+            true
+        })
+    }
+
     /// Hands a command to the device's current link; false if it has none or its queue is
     /// full (the command then waits in the store for the next connection).
     pub fn send_command(&self, device: &str, command: Command) -> bool {
@@ -91,8 +136,16 @@ impl Registry {
     pub fn online(&self) -> Vec<(Arc<str>, &'static str)> {
         self.lock()
             .iter()
-            .map(|(d, e)| (d.clone(), e.link))
+            .map(|(d, e)| (d.clone(), e.info.link))
             .collect()
+    }
+
+    /// The device's current link, if it has one.
+    pub fn get(&self, device: &str) -> Option<Online> {
+        self.lock().get(device).map(|e| Online {
+            info: e.info.clone(),
+            last_seen_ms: e.last_seen_ms.load(Ordering::Relaxed),
+        })
     }
 
     /// How many devices have a link now.
@@ -103,6 +156,15 @@ impl Registry {
     /// Whether no device has a link.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many devices have a link now, by link kind.
+    pub fn count_by_link(&self) -> HashMap<&'static str, usize> {
+        let mut counts = HashMap::new();
+        for e in self.lock().values() {
+            *counts.entry(e.info.link).or_default() += 1;
+        }
+        counts
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
@@ -116,12 +178,22 @@ impl Registry {
 mod tests {
     use super::*;
 
+    fn info(link: &'static str) -> LinkInfo {
+        LinkInfo {
+            link,
+            peer: Arc::from("127.0.0.1:1"),
+            firmware_version: "1.0".into(),
+            epoch: 1,
+            connected_ms: 5,
+        }
+    }
+
     #[test]
     fn the_newest_link_supersedes_the_older_one() {
         let registry = Registry::default();
         let dev: Arc<str> = Arc::from("meter-1");
-        let first = registry.register(&dev, "tcp");
-        let second = registry.register(&dev, "tcp");
+        let first = registry.register(&dev, info("tcp"));
+        let second = registry.register(&dev, info("tcp"));
         assert!(first.superseded.is_cancelled());
         assert!(!second.superseded.is_cancelled());
         // The old link leaving does not remove the new one.
@@ -135,8 +207,8 @@ mod tests {
     fn commands_reach_the_current_link_only() {
         let registry = Registry::default();
         let dev: Arc<str> = Arc::from("meter-1");
-        let mut first = registry.register(&dev, "tcp");
-        let mut second = registry.register(&dev, "serial");
+        let mut first = registry.register(&dev, info("tcp"));
+        let mut second = registry.register(&dev, info("serial"));
         let cmd = Command {
             id: "c1".into(),
             ..Default::default()
@@ -149,5 +221,20 @@ mod tests {
         );
         assert!(first.commands.try_recv().is_err());
         assert_eq!(registry.online(), vec![(dev, "serial")]);
+    }
+
+    #[test]
+    fn revoking_cancels_the_current_link_and_shows_its_last_message_time() {
+        let registry = Registry::default();
+        let dev: Arc<str> = Arc::from("meter-1");
+        let reg = registry.register(&dev, info("tls"));
+        reg.last_seen_ms.store(42, Ordering::Relaxed);
+        let online = registry.get("meter-1").expect("online");
+        assert_eq!((online.info.link, online.last_seen_ms), ("tls", 42));
+        assert!(!registry.revoke("nobody"));
+        assert!(registry.revoke("meter-1"));
+        assert!(reg.revoked.is_cancelled());
+        assert!(!reg.superseded.is_cancelled());
+        assert_eq!(registry.count_by_link().get("tls"), Some(&1));
     }
 }

@@ -71,8 +71,22 @@ pub fn server_config(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, ServerTlsError> {
-    let certs = certificates("tcp.tls.cert_file", cert_file)?;
-    let key = private_key("tcp.tls.key_file", key_file)?;
+    server_config_for("tcp.tls", cert_file, key_file)
+}
+
+/// [`server_config`] for the config section `section` (`tcp.tls`, `http.tls`), whose
+/// name errors carry.
+pub fn server_config_for(
+    section: &'static str,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<Arc<rustls::ServerConfig>, ServerTlsError> {
+    let (cert_field, key_field) = match section {
+        "http.tls" => ("http.tls.cert_file", "http.tls.key_file"),
+        _ => ("tcp.tls.cert_file", "tcp.tls.key_file"),
+    };
+    let certs = certificates(cert_field, cert_file)?;
+    let key = private_key(key_field, key_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -10,12 +10,17 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// The API token bench gateways are started with.
+pub const API_TOKEN: &str = "bench-api-token-0123456789";
+
 /// A running `gateway run`.
 pub struct Gateway {
     child: Child,
     pid: u32,
     /// Its device listener.
     pub addr: SocketAddr,
+    /// Its HTTP API (token [`API_TOKEN`]).
+    pub http: Option<SocketAddr>,
     /// From spawn to its "listening" line.
     pub startup: Duration,
 }
@@ -73,8 +78,16 @@ impl Gateway {
                 // asked would measure the pacing instead.
                 "--slow-report-interval",
                 "0s",
-                "--db",
+                // The HTTP API is on by default, so it is on here too (with nobody using it
+                // unless the bench says so).
+                "--http",
+                "127.0.0.1:0",
+                "--api-token",
+                API_TOKEN,
+                "--data-dir",
             ])
+            .arg(dir)
+            .arg("--db")
             .arg(dir.join("gateway.db"))
             .args(args)
             .env("RUST_LOG", "warn")
@@ -86,10 +99,14 @@ impl Gateway {
         let pid = child.id().context("gateway pid")?;
         let stdout = child.stdout.take().context("gateway stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        let (addr, http) = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut http = None;
             while let Some(line) = lines.next_line().await? {
+                if let Some(a) = line.strip_prefix("http: listening on http://") {
+                    http = Some(a.parse::<SocketAddr>()?);
+                }
                 if let Some(addr) = line.strip_prefix("devices: listening on tcp://") {
-                    return Ok::<_, anyhow::Error>(addr.parse::<SocketAddr>()?);
+                    return Ok::<_, anyhow::Error>((addr.parse::<SocketAddr>()?, http));
                 }
             }
             bail!(
@@ -105,6 +122,7 @@ impl Gateway {
             child,
             pid,
             addr,
+            http,
             startup,
         })
     }

@@ -1,23 +1,18 @@
-//! Commands down: requests published on the commands topic become stored commands, reach
-//! the device's current link (or wait for its next connection), and get exactly one outcome
+//! Commands down: requests published on the commands topic go to the gateway's command desk
+//! ([`crate::commands`]), the same path HTTP commands take; refusals and outcomes come back
 //! on the results topic.
 //!
 //! The MQTT event loop hands raw requests over a bounded channel with `try_send` (it never
-//! waits); this task validates them, stores them, routes them through the registry, and closes
-//! overdue commands as `timeout` (delivered, unanswered) or `expired` (never delivered).
+//! waits); this task parses them and submits them to the desk.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use crate::session::state::check_name;
-use crate::store::commands::{self, Inserted, NewCommand};
-use crate::store::now_ms;
+use crate::commands::{Request, SubmitError};
 
 /// Commands waiting between the MQTT event loop and this task. Full-policy: drop the request,
 /// count it in `commands_dropped` and log; the event loop must never wait.
@@ -32,21 +27,9 @@ pub struct Incoming {
     pub payload: Bytes,
 }
 
-#[derive(Deserialize)]
-struct Request {
-    id: String,
-    name: String,
-    #[serde(default)]
-    params: serde_json::Value,
-    timeout_ms: Option<u64>,
-}
-
-/// Checks a request; on failure returns the id to answer with (if any) and why.
-fn parse(
-    incoming: &Incoming,
-    default_timeout: Duration,
-    now: i64,
-) -> Result<NewCommand, (String, String)> {
+/// Parses a request; on failure returns the id to answer with (if any) and why. Over MQTT
+/// the id is required: it is how the caller matches the outcome.
+fn parse(incoming: &Incoming) -> Result<(String, Request), (String, String)> {
     let value: serde_json::Value = serde_json::from_slice(&incoming.payload)
         .map_err(|e| (String::new(), format!("not JSON: {e}")))?;
     let id = value
@@ -60,120 +43,53 @@ fn parse(
             format!("expected {{\"id\", \"name\", \"params\", \"timeout_ms\"}}: {e}"),
         )
     })?;
-    check_name("id", &request.id).map_err(|e| (id.clone(), e))?;
-    check_name("name", &request.name).map_err(|e| (id.clone(), e))?;
-    let timeout = request
-        .timeout_ms
-        .map_or(default_timeout, Duration::from_millis)
-        .min(Duration::from_secs(365 * 24 * 3600));
-    Ok(NewCommand {
-        device_id: incoming.device_id.clone(),
-        command_id: request.id,
-        name: request.name,
-        params: serde_json::to_vec(&request.params).unwrap_or_else(|_| b"null".to_vec()),
-        deadline_ms: now + timeout.as_millis() as i64,
-    })
+    if request.id.as_deref().unwrap_or_default().is_empty() {
+        return Err((id, "id must be a non-empty string".into()));
+    }
+    Ok((id, request))
 }
 
 /// Runs until `shutdown` or until the event loop side is gone.
 pub async fn run(ctx: Arc<Context>, mut rx: mpsc::Receiver<Incoming>, shutdown: CancellationToken) {
-    let mut deadline = next_deadline(&ctx).await;
     loop {
-        let wait = deadline.map_or(Duration::from_secs(60), |d| {
-            Duration::from_millis((d - now_ms()).clamp(0, 60_000) as u64)
-        });
-        tokio::select! {
+        let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
-            incoming = rx.recv() => {
-                let Some(incoming) = incoming else { return };
-                if let Some(due) = handle(&ctx, incoming).await {
-                    deadline = Some(deadline.map_or(due, |d| d.min(due)));
-                }
-            }
-            _ = tokio::time::sleep(wait) => {
-                match commands::close_overdue(ctx.pool(), now_ms()).await {
-                    Ok((closed, bytes)) if closed > 0 => {
-                        ctx.backlog.added(bytes);
-                        tracing::debug!(closed, "closed overdue commands");
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "closing overdue commands failed"),
-                }
-                deadline = next_deadline(&ctx).await;
-            }
-        }
+            incoming = rx.recv() => match incoming {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        handle(&ctx, incoming).await;
     }
 }
 
-async fn next_deadline(ctx: &Context) -> Option<i64> {
-    match commands::next_deadline(ctx.pool()).await {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "reading command deadlines failed");
-            Some(now_ms() + 1000)
-        }
-    }
-}
-
-/// Stores and routes one request; returns its deadline if it is now open.
-async fn handle(ctx: &Context, incoming: Incoming) -> Option<i64> {
-    let now = now_ms();
-    ctx.metrics.commands_received.inc();
-    let command = match parse(&incoming, ctx.config.command_timeout, now) {
-        Ok(c) => c,
+async fn handle(ctx: &Context, incoming: Incoming) {
+    let (id, request) = match parse(&incoming) {
+        Ok(r) => r,
         Err((id, detail)) => {
+            ctx.metrics.commands_received.inc();
             tracing::warn!(device = %incoming.device_id, %detail, "command rejected");
-            reject(ctx, &incoming.device_id, &id, &detail, now).await;
-            return None;
+            ctx.commands.reject(&incoming.device_id, &id, &detail).await;
+            return;
         }
     };
-    match commands::insert(ctx.pool(), &command, now).await {
-        Ok(Inserted::Open) => {
-            let proto_command = proto::v1::Command {
-                id: command.command_id.clone(),
-                name: command.name.clone(),
-                params: command.params.clone(),
-                deadline_ms: command.deadline_ms.max(0) as u64,
-            };
-            // Offline (or a full queue): it waits in the store for the next connection.
-            ctx.registry.send_command(&command.device_id, proto_command);
-            Some(command.deadline_ms)
+    let detail = match ctx.commands.submit(&incoming.device_id, request).await {
+        Ok(_) => return,
+        Err(SubmitError::Duplicate { device, id }) => {
+            tracing::debug!(%device, %id, "repeated command id; ignored");
+            return;
         }
-        Ok(Inserted::Duplicate) => {
-            tracing::debug!(device = %command.device_id, id = %command.command_id, "repeated command id; ignored");
-            None
+        Err(SubmitError::Invalid { field, reason }) => {
+            tracing::warn!(device = %incoming.device_id, %field, %reason, "command rejected");
+            reason
         }
-        Ok(Inserted::UnknownDevice) => {
-            reject(
-                ctx,
-                &command.device_id,
-                &command.command_id,
-                "unknown device",
-                now,
-            )
-            .await;
-            None
-        }
-        Err(e) => {
+        Err(SubmitError::UnknownDevice(_)) => "unknown device".to_owned(),
+        Err(SubmitError::Store(e)) => {
             tracing::error!(error = %e, "storing a command failed");
-            reject(
-                ctx,
-                &command.device_id,
-                &command.command_id,
-                "the gateway could not store the command",
-                now,
-            )
-            .await;
-            None
+            "the gateway could not store the command".to_owned()
         }
-    }
-}
-
-async fn reject(ctx: &Context, device_id: &str, id: &str, detail: &str, now: i64) {
-    match commands::reject(ctx.pool(), device_id, id, detail, now).await {
-        Ok(bytes) => ctx.backlog.added(bytes),
-        Err(e) => tracing::error!(error = %e, "queueing a command rejection failed"),
-    }
+    };
+    ctx.commands.reject(&incoming.device_id, &id, &detail).await;
 }
 
 #[cfg(test)]
@@ -188,41 +104,24 @@ mod tests {
     }
 
     #[test]
-    fn a_valid_request_becomes_a_command_with_a_deadline() {
-        let c = parse(
-            &incoming(r#"{"id":"c1","name":"reboot","params":{"delay":5},"timeout_ms":1500}"#),
-            Duration::from_secs(60),
-            1000,
-        )
+    fn a_valid_request_keeps_its_fields() {
+        let (id, r) = parse(&incoming(
+            r#"{"id":"c1","name":"reboot","params":{"delay":5},"timeout_ms":1500}"#,
+        ))
         .unwrap();
-        assert_eq!(
-            (c.command_id.as_str(), c.name.as_str(), c.deadline_ms),
-            ("c1", "reboot", 2500)
-        );
-        assert_eq!(c.params, br#"{"delay":5}"#);
-        let c = parse(
-            &incoming(r#"{"id":"c2","name":"ping"}"#),
-            Duration::from_secs(60),
-            0,
-        )
-        .unwrap();
-        assert_eq!((c.params.as_slice(), c.deadline_ms), (&b"null"[..], 60_000));
+        assert_eq!((id.as_str(), r.name.as_str()), ("c1", "reboot"));
+        assert_eq!(r.timeout_ms, Some(1500));
+        assert_eq!(r.params, serde_json::json!({"delay": 5}));
     }
 
     #[test]
     fn bad_requests_are_refused_with_their_id_when_there_is_one() {
-        let d = Duration::from_secs(1);
-        assert_eq!(parse(&incoming("not json"), d, 0).unwrap_err().0, "");
-        assert_eq!(
-            parse(&incoming(r#"{"id":"c3"}"#), d, 0).unwrap_err().0,
-            "c3"
+        assert_eq!(parse(&incoming("not json")).unwrap_err().0, "");
+        assert_eq!(parse(&incoming(r#"{"id":"c3"}"#)).unwrap_err().0, "c3");
+        assert!(
+            parse(&incoming(r#"{"name":"x"}"#)).is_err(),
+            "id is required"
         );
-        assert_eq!(
-            parse(&incoming(r#"{"id":"","name":"x"}"#), d, 0)
-                .unwrap_err()
-                .0,
-            ""
-        );
-        assert!(parse(&incoming(r#"{"id":"c4","name":"x","timeout_ms":-1}"#), d, 0).is_err());
+        assert!(parse(&incoming(r#"{"id":"c4","name":"x","timeout_ms":-1}"#)).is_err());
     }
 }

@@ -36,20 +36,7 @@ use crate::store::StoreError;
 /// snapshot replaces any lost change.
 const STATUS_QUEUE: usize = 4096;
 
-/// A device came or went.
-#[derive(Debug, Clone)]
-pub struct StatusChange {
-    /// The device.
-    pub device: Arc<str>,
-    /// Online now?
-    pub online: bool,
-    /// The link kind ("tcp", "serial").
-    pub link: &'static str,
-    /// Firmware version from its Hello, when it came online.
-    pub firmware_version: Option<String>,
-    /// When, ms since the Unix epoch.
-    pub ts_ms: i64,
-}
+pub use crate::live::StatusChange;
 
 /// What sessions hold to report status; cheap to clone.
 #[derive(Clone)]
@@ -83,6 +70,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Set when a status change was dropped: publish every device's status again.
     pub resync: Arc<AtomicBool>,
+    /// Where command requests go.
+    pub commands: Arc<crate::commands::Desk>,
 }
 
 impl Context {
@@ -106,6 +95,8 @@ pub struct Parts {
     pub registry: Arc<Registry>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The command desk.
+    pub commands: Arc<crate::commands::Desk>,
 }
 
 /// Why the bridge could not start.
@@ -139,6 +130,7 @@ pub async fn spawn(
         registry: parts.registry,
         metrics: parts.metrics,
         resync: resync.clone(),
+        commands: parts.commands,
     });
     let task = tokio::spawn(async move {
         let commands = tokio::spawn(commands::run(ctx.clone(), commands_rx, shutdown.clone()));

@@ -11,8 +11,10 @@ use sqlx::SqlitePool;
 
 use crate::auth::Authenticator;
 use crate::bridge::BridgeHandle;
+use crate::live::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::store::devices::HelloRecord;
 use crate::store::writer::WriterHandle;
 
 /// What kind of link a session runs on.
@@ -66,6 +68,11 @@ pub struct Shared {
     pub config: Timers,
     /// Where device status goes; `None` when the MQTT bridge is off.
     pub bridge: Option<BridgeHandle>,
+    /// Live feed of status changes (committed data reaches it through the writer).
+    pub hub: Hub,
+    /// Where each authenticated Hello is recorded for the device list (bounded; a full
+    /// queue skips the record, which is informational: the next Hello writes it again).
+    pub hellos: tokio::sync::mpsc::Sender<HelloRecord>,
     /// The report interval devices are asked to keep, in ms (0: no limit); see
     /// [`crate::app`]'s pacer. Each session sends a `ConfigUpdate` when it changes.
     pub pace: tokio::sync::watch::Receiver<u32>,

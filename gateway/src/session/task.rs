@@ -6,6 +6,8 @@
 //! and its shutdown: on cancellation it stops reading, waits (bounded) for its queued frames
 //! to commit, sends the final `Ack` and `ERROR_CODE_SHUTTING_DOWN`, and closes.
 
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +27,10 @@ use super::state::{SessionState, Step};
 use super::{LinkKind, Shared};
 use crate::auth::AuthError;
 use crate::bridge::StatusChange;
-use crate::registry::Registration;
+use crate::live::LiveEvent;
+use crate::registry::{LinkInfo, Registration};
 use crate::store::commands;
+use crate::store::devices::HelloRecord;
 use crate::store::writer::{Durable, WriteFrame};
 use crate::store::{devices, now_ms};
 
@@ -87,9 +91,10 @@ pub async fn run<L>(
 {
     // Every line a link logs names its peer and, once known, its device. Info level, so a
     // warning about a bad frame says whose it was.
-    let span = tracing::info_span!("link", link = kind.as_str(), %peer, device = tracing::field::Empty);
+    let span =
+        tracing::info_span!("link", link = kind.as_str(), %peer, device = tracing::field::Empty);
     shared.metrics.record_connection(kind.as_str());
-    run_in(shared, link, kind, shutdown, span.clone())
+    run_in(shared, link, kind, Arc::from(peer), shutdown, span.clone())
         .instrument(span)
         .await
 }
@@ -98,6 +103,7 @@ async fn run_in<L>(
     shared: Arc<Shared>,
     mut link: L,
     kind: LinkKind,
+    peer: Arc<str>,
     shutdown: CancellationToken,
     span: tracing::Span,
 ) where
@@ -108,6 +114,7 @@ async fn run_in<L>(
     let mut session = Session {
         shared: &shared,
         kind: kind.as_str(),
+        peer,
         // A serial port is dedicated to its device, which may boot long after the port
         // opens: only TCP links must say Hello in time.
         hello_timeout: match kind {
@@ -120,6 +127,7 @@ async fn run_in<L>(
         },
         last_forwarded: 0,
         last_acked: 0,
+        in_flight: VecDeque::new(),
     };
     let closed = session.serve(&mut link, &shutdown, &span).await;
     if let Some(code) = closed.code {
@@ -155,6 +163,8 @@ struct Session<'a> {
     shared: &'a Shared,
     /// Link kind, for device status.
     kind: &'static str,
+    /// Peer address or serial port, for the device list.
+    peer: Arc<str>,
     /// How long the link may take to say Hello.
     hello_timeout: Duration,
     state: SessionState,
@@ -162,6 +172,10 @@ struct Session<'a> {
     last_forwarded: u64,
     /// Highest seq acknowledged to the device.
     last_acked: u64,
+    /// (seq, arrival) of frames queued and not yet acknowledged, oldest first: the ack
+    /// latency histogram takes the oldest frame each Ack covers. Empty (no allocation) on
+    /// an idle link.
+    in_flight: VecDeque<(u64, Instant)>,
 }
 
 impl Session<'_> {
@@ -240,6 +254,7 @@ impl Session<'_> {
     {
         self.last_forwarded = 0;
         self.last_acked = 0;
+        self.in_flight.clear();
         let device: Arc<str> = Arc::from(hello.device_id.as_str());
         span.record("device", &*device);
         match self.shared.auth.check(&device, &hello.token).await {
@@ -263,7 +278,24 @@ impl Session<'_> {
                 return Ended::Closed(Closed::with(ErrorCode::Internal, format!("store: {e}")))
             }
         };
-        let mut registration = self.shared.registry.register(&device, self.kind);
+        let connected_ms = now_ms();
+        let mut registration = self.shared.registry.register(
+            &device,
+            LinkInfo {
+                link: self.kind,
+                peer: self.peer.clone(),
+                firmware_version: hello.firmware_version.clone(),
+                epoch: hello.epoch,
+                connected_ms,
+            },
+        );
+        let _ = self.shared.hellos.try_send(HelloRecord {
+            device: device.clone(),
+            firmware_version: hello.firmware_version.clone(),
+            link: self.kind,
+            peer: self.peer.clone(),
+            ts_ms: connected_ms,
+        });
         self.report_status(&device, true, Some(hello.firmware_version.clone()));
         self.state.activate(device.clone(), hello.epoch, last_seq);
         self.shared.metrics.sessions_active.inc_by(1);
@@ -287,16 +319,22 @@ impl Session<'_> {
         ended
     }
 
-    /// Tells the bridge (if any) that the device came or went.
+    /// Tells the bridge (if any) and the live feed that the device came or went.
     fn report_status(&self, device: &Arc<str>, online: bool, firmware_version: Option<String>) {
+        let change = StatusChange {
+            device: device.clone(),
+            online,
+            link: self.kind,
+            firmware_version,
+            ts_ms: now_ms(),
+        };
+        if self.shared.hub.has_subscribers() {
+            self.shared
+                .hub
+                .publish(LiveEvent::Status(Arc::new(change.clone())));
+        }
         if let Some(bridge) = &self.shared.bridge {
-            bridge.status(StatusChange {
-                device: device.clone(),
-                online,
-                link: self.kind,
-                firmware_version,
-                ts_ms: now_ms(),
-            });
+            bridge.status(change);
         }
     }
 
@@ -369,6 +407,9 @@ impl Session<'_> {
                 _ = registration.superseded.cancelled() => {
                     return Ended::Closed(Closed::with(ErrorCode::Superseded, "a newer link of this device connected"));
                 }
+                _ = registration.revoked.cancelled() => {
+                    return Ended::Closed(Closed::with(ErrorCode::DeviceRevoked, "the device was revoked by an operator"));
+                }
                 Ok(()) = acks.changed() => {
                     if let Err(closed) = self.send_ack(link, &mut acks).await {
                         return Ended::Closed(closed);
@@ -403,17 +444,21 @@ impl Session<'_> {
                         Some(Err(e)) => return Ended::Closed(Closed { code: codec_error_code(&e), reason: e.to_string() }),
                         Some(Ok(msg)) => msg,
                     };
-                    idle.as_mut().reset(Instant::now() + idle_timeout);
-                    match self.state.on_message(msg, now_ms() as u64) {
+                    let arrived = Instant::now();
+                    idle.as_mut().reset(arrived + idle_timeout);
+                    let received_ms = now_ms();
+                    registration.last_seen_ms.store(received_ms, Ordering::Relaxed);
+                    match self.state.on_message(msg, received_ms as u64) {
                         Step::Store { seq, body } => {
                             let frame = WriteFrame {
                                 device: device.clone(),
                                 epoch,
                                 seq,
-                                received_ms: now_ms(),
+                                received_ms,
                                 body,
                                 acks: ack_tx.clone(),
                             };
+                            self.in_flight.push_back((seq, arrived));
                             if self.shared.writer.send(frame).await.is_err() {
                                 return Ended::Closed(Closed::with(ErrorCode::ShuttingDown, "the store is closed"));
                             }
@@ -469,6 +514,20 @@ impl Session<'_> {
         }
         if durable.seq > self.last_acked {
             self.last_acked = durable.seq;
+            let mut oldest = None;
+            while let Some(&(seq, arrived)) = self.in_flight.front() {
+                if seq > durable.seq {
+                    break;
+                }
+                oldest.get_or_insert(arrived);
+                self.in_flight.pop_front();
+            }
+            if let Some(arrived) = oldest {
+                self.shared
+                    .metrics
+                    .ack_latency
+                    .observe(arrived.elapsed().as_secs_f64());
+            }
             self.send(
                 link,
                 message(gateway_message::Body::Ack(Ack { seq: durable.seq })),

@@ -19,8 +19,8 @@ use rusqlite::{params, Connection, Transaction};
 use super::outbox::{row_cost, Kind};
 use super::writer::{FrameBody, WriteFrame};
 use super::{u64_from_sql, u64_to_sql, StoreError, STORE_PRAGMAS};
-use crate::payload::{self, timestamp};
 use crate::config::Durability;
+use crate::payload::{self, timestamp};
 
 /// Caches grow with devices x sensors and epochs; past this many entries they are dropped
 /// and refilled from SQLite on demand.
@@ -105,7 +105,6 @@ impl Cache {
     }
 }
 
-
 /// What one commit stored.
 #[derive(Debug, Default)]
 pub struct Stored {
@@ -117,14 +116,30 @@ pub struct Stored {
     pub outbox_bytes: u64,
 }
 
+/// A stream's changes within one batch.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    device: i64,
+    epoch: i64,
+    /// Highest seq stored.
+    seq: u64,
+    /// Frames stored.
+    frames: i64,
+    /// Receive time of the newest frame.
+    last_ms: i64,
+}
+
 /// The writer's connection and caches.
 pub struct Batcher {
     conn: Connection,
     cache: Cache,
     /// Whether to queue frames for the MQTT bridge.
     uplink: bool,
-    /// Highest seq per stream within the batch being built.
-    pending: HashMap<i64, (i64, i64, u64)>,
+    /// What the batch being built does to each stream it touches.
+    pending: HashMap<i64, Pending>,
+    /// Per frame of the last commit: whether it was stored (false for a resend, or for a
+    /// result of a command that was not open).
+    kept: Vec<bool>,
     /// Reused encoding buffer for outbox bodies.
     body: Vec<u8>,
 }
@@ -170,8 +185,14 @@ impl Batcher {
             cache: Cache::default(),
             uplink,
             pending: HashMap::new(),
+            kept: Vec::new(),
             body: Vec::new(),
         }
+    }
+
+    /// Per frame of the last successful [`Batcher::commit`], whether it was stored.
+    pub fn kept(&self) -> &[bool] {
+        &self.kept
     }
 
     /// Forgets cached ids (after a failed commit, which may have rolled some back).
@@ -236,10 +257,12 @@ impl Batcher {
             cache,
             uplink,
             pending,
+            kept,
             body,
         } = self;
         cache.clear_if_large();
         pending.clear();
+        kept.clear();
         let mut stored = Stored::default();
         let tx = conn.transaction()?;
         {
@@ -254,20 +277,31 @@ impl Batcher {
                 "INSERT INTO outbox (kind, device_id, epoch, seq, received_ms, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut result = tx.prepare_cached(
-                "UPDATE commands SET outcome = ?1, detail = ?2, finished_ms = ?3
+                "UPDATE commands SET outcome = ?1, detail = ?2, finished_ms = ?3, result = ?6
                  WHERE device = ?4 AND command_id = ?5 AND outcome IS NULL",
             )?;
             for frame in batch {
                 let device = cache.device(&tx, &frame.device)?;
                 let epoch = u64_to_sql(frame.epoch);
                 let (stream, committed) = cache.stream(&tx, device, epoch)?;
-                let last = pending.get(&stream).map_or(committed, |p| p.2);
+                let last = pending.get(&stream).map_or(committed, |p| p.seq);
                 if frame.seq <= last {
+                    kept.push(false);
                     continue; // already stored: acknowledged again, not stored twice
                 }
-                pending.insert(stream, (device, epoch, frame.seq));
+                let p = pending.entry(stream).or_insert(Pending {
+                    device,
+                    epoch,
+                    seq: 0,
+                    frames: 0,
+                    last_ms: 0,
+                });
+                p.seq = frame.seq;
+                p.frames += 1;
+                p.last_ms = p.last_ms.max(frame.received_ms);
                 stored.frames += 1;
                 let seq = u64_to_sql(frame.seq);
+                kept.push(true);
                 let kind = match &frame.body {
                     FrameBody::Telemetry(t) => {
                         for (idx, r) in t.readings.iter().enumerate() {
@@ -301,10 +335,14 @@ impl Batcher {
                             r.detail,
                             frame.received_ms,
                             device,
-                            r.id
+                            r.id,
+                            (!r.payload.is_empty()).then_some(&r.payload[..])
                         ])?;
                         if changed == 0 {
                             tracing::debug!(device = %frame.device, command = %r.id, "result for a command that is not open; ignored");
+                            if let Some(k) = kept.last_mut() {
+                                *k = false;
+                            }
                             continue;
                         }
                         *body = payload::command_result_json(
@@ -330,16 +368,16 @@ impl Batcher {
                     stored.outbox_bytes += row_cost(&frame.device, body.len());
                 }
             }
-            let mut seqs = tx.prepare_cached("UPDATE streams SET last_seq = ?1 WHERE id = ?2")?;
-            for (stream, (_, _, last_seq)) in pending.iter() {
-                seqs.execute(params![u64_to_sql(*last_seq), stream])?;
+            let mut seqs = tx.prepare_cached(
+                "UPDATE streams SET last_seq = ?1, frames = frames + ?3, last_ms = MAX(COALESCE(last_ms, 0), ?4) WHERE id = ?2",
+            )?;
+            for (stream, p) in pending.iter() {
+                seqs.execute(params![u64_to_sql(p.seq), stream, p.frames, p.last_ms])?;
             }
         }
         tx.commit()?;
-        for (stream, (device, epoch, last_seq)) in pending.iter() {
-            cache
-                .streams
-                .insert((*device, *epoch), (*stream, *last_seq));
+        for (stream, p) in pending.iter() {
+            cache.streams.insert((p.device, p.epoch), (*stream, p.seq));
         }
         Ok(stored)
     }

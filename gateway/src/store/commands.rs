@@ -128,9 +128,28 @@ pub async fn reject(
     outbox::insert_one(&mut conn, Kind::CommandResult, device_id, now_ms, &body).await
 }
 
+/// A command closed by [`close_overdue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedCommand {
+    /// The device.
+    pub device_id: String,
+    /// The command's id.
+    pub command_id: String,
+    /// `timeout` or `expired`.
+    pub outcome: &'static str,
+    /// Why, in words.
+    pub detail: &'static str,
+    /// Outbox bytes added for it (0 without uplink).
+    pub outbox_bytes: u64,
+}
+
 /// Closes every open command past its deadline: `timeout` if it was written to its device,
-/// `expired` if it never was. Returns (commands closed, outbox bytes added).
-pub async fn close_overdue(pool: &SqlitePool, now_ms: i64) -> Result<(u64, u64), StoreError> {
+/// `expired` if it never was; with `uplink`, queues each outcome in the outbox.
+pub async fn close_overdue(
+    pool: &SqlitePool,
+    now_ms: i64,
+    uplink: bool,
+) -> Result<Vec<ClosedCommand>, StoreError> {
     // IMMEDIATE: it reads, then writes; a deferred transaction could not upgrade once the
     // writer has committed in between (SQLITE_BUSY at once, no busy wait).
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -142,8 +161,8 @@ pub async fn close_overdue(pool: &SqlitePool, now_ms: i64) -> Result<(u64, u64),
     .bind(now_ms)
     .fetch_all(&mut *tx)
     .await?;
-    let mut bytes = 0;
-    for (id, device_id, command_id, sent_ms) in &due {
+    let mut closed = Vec::with_capacity(due.len());
+    for (id, device_id, command_id, sent_ms) in due {
         let (outcome, detail) = match sent_ms {
             Some(_) => ("timeout", "the device did not answer before the deadline"),
             None => (
@@ -158,11 +177,22 @@ pub async fn close_overdue(pool: &SqlitePool, now_ms: i64) -> Result<(u64, u64),
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        let body = command_result_json(device_id, command_id, outcome, detail, &[], now_ms);
-        bytes += outbox::insert_one(&mut tx, Kind::CommandResult, device_id, now_ms, &body).await?;
+        let mut outbox_bytes = 0;
+        if uplink {
+            let body = command_result_json(&device_id, &command_id, outcome, detail, &[], now_ms);
+            outbox_bytes =
+                outbox::insert_one(&mut tx, Kind::CommandResult, &device_id, now_ms, &body).await?;
+        }
+        closed.push(ClosedCommand {
+            device_id,
+            command_id,
+            outcome,
+            detail,
+            outbox_bytes,
+        });
     }
     tx.commit().await?;
-    Ok((due.len() as u64, bytes))
+    Ok(closed)
 }
 
 /// The earliest deadline of an open command.

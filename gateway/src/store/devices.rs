@@ -137,3 +137,58 @@ pub async fn list(pool: &SqlitePool) -> Result<Vec<DeviceRow>, StoreError> {
     .fetch_all(pool)
     .await?)
 }
+
+/// What a device said at its latest Hello, for the device list.
+#[derive(Debug, Clone)]
+pub struct HelloRecord {
+    /// The device.
+    pub device: std::sync::Arc<str>,
+    /// Its firmware version.
+    pub firmware_version: String,
+    /// `tcp`, `tls` or `serial`.
+    pub link: &'static str,
+    /// Peer address or serial port.
+    pub peer: std::sync::Arc<str>,
+    /// When, Unix ms.
+    pub ts_ms: i64,
+}
+
+/// Hello records waiting to be written. Full-policy: skip the record (it is informational;
+/// the device's next Hello writes it again), so a reconnect storm never waits on the store.
+pub const HELLO_QUEUE: usize = 4096;
+
+/// Writes queued Hello records, one transaction per second at most, until every sender is
+/// gone. Keeps these small writes off the session path and off the writer's connection.
+pub async fn record_hellos(pool: SqlitePool, mut rx: tokio::sync::mpsc::Receiver<HelloRecord>) {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        // Only the newest record of each device matters.
+        batch.reverse();
+        let mut seen = std::collections::HashSet::new();
+        batch.retain(|r| seen.insert(r.device.clone()));
+        if let Err(e) = write_hellos(&pool, &batch).await {
+            tracing::warn!(error = %e, devices = batch.len(), "recording device Hellos failed; the device list shows older values until their next Hello");
+        }
+        batch.clear();
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+async fn write_hellos(pool: &SqlitePool, batch: &[HelloRecord]) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    for r in batch {
+        sqlx::query(
+            "UPDATE devices SET firmware_version = ?, last_link = ?, last_peer = ?, last_hello_ms = ?
+             WHERE device_id = ?",
+        )
+        .bind(&r.firmware_version)
+        .bind(r.link)
+        .bind(&*r.peer)
+        .bind(r.ts_ms)
+        .bind(&*r.device)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

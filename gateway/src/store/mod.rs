@@ -10,6 +10,7 @@ pub mod batch;
 pub mod commands;
 pub mod devices;
 pub mod outbox;
+pub mod query;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use super::batch::{Batcher, Pruned};
 use super::outbox::Backlog;
 use crate::config::BacklogPolicy;
+use crate::live::{Batch, Committed, Hub, LiveEvent};
 use crate::metrics::Metrics;
 
 /// What a session learns from the writer: how far its frames are durable.
@@ -114,6 +115,7 @@ pub fn spawn(
     backlog: Option<Arc<Backlog>>,
     retention: Option<Duration>,
     metrics: Arc<Metrics>,
+    hub: Hub,
 ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_frames);
     let writer = Writer {
@@ -123,6 +125,7 @@ pub fn spawn(
         dropping: false,
         retention,
         pruned: Pruned::default(),
+        hub,
     };
     let runtime = tokio::runtime::Handle::current();
     let task =
@@ -140,6 +143,8 @@ struct Writer {
     retention: Option<Duration>,
     /// What the current retention pass deleted so far (logged once at its end).
     pruned: Pruned,
+    /// Where committed frames are announced (only while someone listens).
+    hub: Hub,
 }
 
 /// Most readings (and as many events and commands) one retention step deletes: a step runs
@@ -191,6 +196,7 @@ impl Writer {
                             raise
                         });
                     }
+                    self.announce(&mut batch);
                     self.drop_oldest_if_over_budget();
                 }
                 Err(e) => {
@@ -207,6 +213,34 @@ impl Writer {
             batch.clear();
         }
         tracing::debug!("store writer drained and stopped");
+    }
+
+    /// After a commit: counts command outcomes and hands the stored frames to the live hub
+    /// (moved out of `batch`, which the caller clears anyway).
+    fn announce(&self, batch: &mut Vec<WriteFrame>) {
+        let kept = self.batcher.kept();
+        for (frame, _) in batch.iter().zip(kept).filter(|(_, k)| **k) {
+            if let FrameBody::CommandResult(r) = &frame.body {
+                self.metrics.record_outcome(crate::payload::status_name(r));
+            }
+        }
+        if !self.hub.has_subscribers() || !kept.contains(&true) {
+            return;
+        }
+        let committed: Vec<Committed> = batch
+            .drain(..)
+            .zip(kept)
+            .filter(|(_, k)| **k)
+            .map(|(f, _)| Committed {
+                device: f.device,
+                epoch: f.epoch,
+                seq: f.seq,
+                received_ms: f.received_ms,
+                body: f.body,
+            })
+            .collect();
+        self.hub
+            .publish(LiveEvent::Frames(Arc::new(Batch::new(committed))));
     }
 
     /// One retention step; returns how long to wait before the next.

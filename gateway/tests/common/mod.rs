@@ -31,10 +31,14 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-fleet-secret";
+/// The API token of test gateways.
+pub const API_TOKEN: &str = "test-api-token-0123456789";
 
 /// A gateway running inside the test process.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The operator API.
+    pub http: SocketAddr,
     pub db: PathBuf,
     pub dir: tempfile::TempDir,
     pub shutdown: CancellationToken,
@@ -55,6 +59,8 @@ impl TestGateway {
         let db = config.db_path();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let http = http_listener.local_addr().expect("http addr");
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::default());
         let task = tokio::spawn(gateway::app::serve(
@@ -63,11 +69,13 @@ impl TestGateway {
                 listener,
                 fleet_secret: Some(SECRET.as_bytes().to_vec()),
                 metrics: metrics.clone(),
+                http: Some((http_listener, API_TOKEN.to_owned())),
             },
             shutdown.clone(),
         ));
         Self {
             addr,
+            http,
             db,
             dir,
             shutdown,
@@ -254,6 +262,8 @@ pub fn delimited(msg: &impl Message) -> Vec<u8> {
 pub struct GatewayProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    /// The operator API (its token is `<db dir>/api.token`).
+    pub http: SocketAddr,
 }
 
 impl GatewayProcess {
@@ -274,6 +284,12 @@ impl GatewayProcess {
                 extra
             })
             .args(["--gateway-id", "test-gw"])
+            .args(if extra.contains(&"--http") {
+                &[][..]
+            } else {
+                &["--http", "127.0.0.1:0"][..]
+            })
+            .args(["--api-token", API_TOKEN])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -282,10 +298,20 @@ impl GatewayProcess {
             .expect("spawn gateway");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let (addr, http) = tokio::time::timeout(Duration::from_secs(30), async {
+            let (mut addr, mut http) = (None, None);
             while let Some(line) = lines.next_line().await.expect("read stdout") {
-                if let Some(addr) = line.strip_prefix("devices: listening on tcp://") {
-                    return addr.parse::<SocketAddr>().expect("address");
+                if let Some(a) = line
+                    .strip_prefix("http: listening on http://")
+                    .or_else(|| line.strip_prefix("http: listening on https://"))
+                {
+                    http = Some(a.parse::<SocketAddr>().expect("http address"));
+                }
+                if let Some(a) = line.strip_prefix("devices: listening on tcp://") {
+                    addr = Some(a.parse::<SocketAddr>().expect("address"));
+                }
+                if let (Some(addr), Some(http)) = (addr, http) {
+                    return (addr, http);
                 }
             }
             panic!("gateway exited before listening");
@@ -293,7 +319,7 @@ impl GatewayProcess {
         .await
         .expect("gateway listens within 30 s");
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, addr }
+        Self { child, addr, http }
     }
 
     /// SIGKILL: no chance to commit or say goodbye.
