@@ -214,6 +214,19 @@ async fn a_fleet_of_fifty_shows_online_then_offline_and_its_readings_match_the_a
     }
     assert_eq!(&paged, buckets);
 
+    // /metrics, read with a Prometheus parser: every acked frame stored once.
+    let metrics = scrape(http).await;
+    assert_eq!(
+        metrics["gateway_frames_stored_total"] as u64,
+        report.frames_acked
+    );
+    assert_eq!(
+        metrics["gateway_readings_stored_total"] as u64,
+        report.readings_acked
+    );
+    assert_eq!(metrics["gateway_connections_total{link=tcp}"], 50.0);
+    assert_eq!(metrics["gateway_sessions_active"], 0.0);
+    assert!(metrics["gateway_device_ack_latency_seconds_count"] > 0.0);
     // The stats saw the load.
     let (_, stats) = get(http, "/api/v1/stats?history=60").await;
     assert_eq!(stats["frames_total"], report.frames_acked);

@@ -168,6 +168,24 @@ async fn every_device_fault_costs_only_its_device() {
     assert_eq!(error_count(&report, "ERROR_CODE_FRAME_TOO_LARGE"), 6);
     assert_eq!(error_count(&report, "ERROR_CODE_AUTH_FAILED"), 6);
     assert_eq!(report.reboots, 3);
+    // /metrics, read with a Prometheus parser, counts the same: every frame stored once,
+    // every link error a device saw under its code.
+    let metrics = scrape(site.gw.http).await;
+    assert_eq!(
+        metrics["gateway_frames_stored_total"] as u64,
+        report.frames_acked
+    );
+    for (code, seen) in &report.errors {
+        let name = code.trim_start_matches("ERROR_CODE_");
+        let counted = metrics
+            .get(&format!("gateway_link_errors_total{{code={name}}}"))
+            .copied()
+            .unwrap_or(0.0) as u64;
+        assert!(
+            counted >= *seen,
+            "{code}: devices saw {seen}, /metrics counted {counted}"
+        );
+    }
     assert_eq!(
         report.readings_per_frame(),
         4.0,

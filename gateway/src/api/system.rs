@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -113,13 +113,21 @@ pub async fn healthz(State(state): State<Arc<ApiState>>) -> (StatusCode, Json<He
 /// Prometheus text exposition of every metric.
 #[utoipa::path(get, path = "/metrics", tag = "system",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+pub async fn metrics(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
     state.stats.refresh_gauges().await;
+    // Prometheus asks for OpenMetrics; other clients get the same text as the classic
+    // format, whose parsers read the OpenMetrics-only lines (`# UNIT`, `# EOF`) as comments.
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, content_type)],
         state.metrics.encode(),
     )
         .into_response()

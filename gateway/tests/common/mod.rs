@@ -349,3 +349,37 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// Scrapes `/metrics` and parses it with a Prometheus text parser: each sample's value by
+/// metric name and sorted `label=value` pairs (`name{a="x"}` as `name{a=x}`).
+pub async fn scrape(http: SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("a Prometheus text exposition");
+    scrape
+        .samples
+        .into_iter()
+        .filter_map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let mut labels: Vec<String> =
+                s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            let key = if labels.is_empty() {
+                s.metric
+            } else {
+                format!("{}{{{}}}", s.metric, labels.join(","))
+            };
+            Some((key, value))
+        })
+        .collect()
+}
