@@ -170,7 +170,8 @@ struct ProxyArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// Scenarios to run (default: all): ingest, latency, uplink, replay, connections, cold-start.
+    /// Scenarios to run (default: all): ingest, latency, uplink, replay, connections, cold-start,
+    /// api.
     scenarios: Vec<String>,
     /// The gateway binary, built with --release.
     #[arg(long, default_value = "target/release/gateway")]

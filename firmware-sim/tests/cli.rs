@@ -35,6 +35,7 @@ impl Gateway {
                 "--listen",
                 "127.0.0.1:0",
                 "--no-mqtt",
+                "--no-http",
                 "--fleet-secret",
                 "s",
                 "--db",

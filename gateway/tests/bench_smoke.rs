@@ -63,6 +63,13 @@ async fn every_bench_scenario_produces_figures_and_loses_nothing() {
                 );
             }
             "cold-start" => assert!(o.extra["startup_s_median_of_3"].as_f64().unwrap() > 0.0),
+            "api" => {
+                assert!(o.readings_per_s > 0.0, "api: readings flowed");
+                assert_eq!(o.extra["ws_clients_failed"], 0, "{o:?}");
+                assert!(o.extra["ws_messages"].as_u64().unwrap() > 0, "{o:?}");
+                assert!(o.extra["http_polls"].as_u64().unwrap() > 0, "{o:?}");
+                assert_eq!(o.extra["http_poll_errors"], 0, "{o:?}");
+            }
             other => panic!("unexpected scenario {other}"),
         }
     }

@@ -3,6 +3,7 @@
 //! on the same disk (the SQLite insert ceiling of the gateway's own schema; the broker's own
 //! QoS 1 publish ceiling). Traffic goes only to 127.0.0.1; every run is bounded in time.
 
+pub mod api;
 pub mod mqtt;
 pub mod procs;
 
@@ -26,6 +27,7 @@ pub const SCENARIOS: &[&str] = &[
     "replay",
     "connections",
     "cold-start",
+    "api",
 ];
 
 /// Bench settings.
@@ -203,6 +205,7 @@ pub async fn run(
                 }
             }
             "connections" => connections(o).await?,
+            "api" => api::api(o, &no_mqtt).await?,
             _ => cold_start(o).await?,
         };
         each(&outcome);
