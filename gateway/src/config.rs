@@ -755,6 +755,25 @@ mod tests {
         );
         assert_eq!(config.mqtt.embedded.listen, defaults.mqtt.embedded.listen);
         assert_eq!(config.mqtt.reconnect_max, defaults.mqtt.reconnect_max);
+        assert_eq!(config.http.listen, defaults.http.listen);
+        assert_eq!(config.http.enabled, defaults.http.enabled);
+        assert_eq!(config.http.protect_all, defaults.http.protect_all);
+        assert_eq!(config.http.live_buffer, defaults.http.live_buffer);
+        assert_eq!(config.http.max_live_clients, defaults.http.max_live_clients);
+        assert_eq!(config.http.live_ping, defaults.http.live_ping);
+    }
+
+    #[test]
+    fn http_settings_are_checked_with_the_field_named() {
+        let err = Config::from_toml("[http]\ntoken = \"short\"\n").unwrap_err();
+        assert!(err.to_string().contains("http.token"), "{err}");
+        let err = Config::from_toml("[http]\nlive_buffer = 1\n").unwrap_err();
+        assert!(err.to_string().contains("http.live_buffer"), "{err}");
+        let err = Config::from_toml("[http]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+        let c = Config::from_toml("[http]\nenabled = false\n").unwrap();
+        assert!(!c.http.enabled);
+        assert_eq!(c.api_token_path(), PathBuf::from("gateway-data/api.token"));
     }
 
     #[test]
