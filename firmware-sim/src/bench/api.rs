@@ -52,18 +52,29 @@ async fn ws_client(http: std::net::SocketAddr, side: Arc<SideLoad>) -> anyhow::R
 async fn poller(http: std::net::SocketAddr, device: String, side: Arc<SideLoad>) {
     let client = reqwest::Client::new();
     let mut tick = tokio::time::interval(POLL);
+    // The device may not have connected yet at first: 404 counts as an answer until its
+    // first readings come back.
+    let mut device_seen = false;
     while !side.stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        for path in [
-            "/api/v1/stats".to_owned(),
-            format!("/api/v1/devices/{device}/readings?limit=100"),
+        for (path, readings) in [
+            ("/api/v1/stats".to_owned(), false),
+            (format!("/api/v1/devices/{device}/readings?limit=100"), true),
         ] {
-            let ok = client
+            let status = client
                 .get(format!("http://{http}{path}"))
                 .bearer_auth(API_TOKEN)
                 .send()
                 .await
-                .is_ok_and(|r| r.status().is_success());
+                .map(|r| r.status());
+            let ok = match status {
+                Ok(s) if s.is_success() => {
+                    device_seen |= readings;
+                    true
+                }
+                Ok(s) => readings && !device_seen && s == reqwest::StatusCode::NOT_FOUND,
+                Err(_) => false,
+            };
             let counter = if ok { &side.polls } else { &side.poll_errors };
             counter.fetch_add(1, Ordering::Relaxed);
         }
