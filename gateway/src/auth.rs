@@ -1,6 +1,6 @@
 //! Device authentication at Hello: a per-device token provisioned with `gateway devices add`
 //! (stored hashed), or a fleet token derived from the fleet secret, or nothing at all with
-//! `auth.mode = "none"`. A revoked device is refused whatever it presents.
+//! `auth.mode = "none"`. A revoked device is refused whatever it presents, in either mode.
 
 use sqlx::SqlitePool;
 
@@ -42,12 +42,14 @@ impl Authenticator {
     /// Whether `token` proves `device_id`. A device seen for the first time is recorded.
     pub async fn check(&self, device_id: &str, token: &str) -> Result<(), AuthError> {
         let creds = devices::credentials(&self.pool, device_id).await?;
+        // An operator's revocation holds whatever the auth mode.
+        if creds.as_ref().is_some_and(|c| c.revoked_at_ms.is_some()) {
+            return Err(AuthError::Revoked);
+        }
         if self.mode == AuthMode::Token {
-            let provisioned = match &creds {
-                Some(c) if c.revoked_at_ms.is_some() => return Err(AuthError::Revoked),
-                Some(c) => c.token_hash.as_deref() == Some(devices::hash_token(token).as_str()),
-                None => false,
-            };
+            let provisioned = creds.as_ref().is_some_and(|c| {
+                c.token_hash.as_deref() == Some(devices::hash_token(token).as_str())
+            });
             let fleet = || {
                 self.fleet_secret.as_ref().is_some_and(|secret| {
                     proto::token::verify_fleet_token(secret, device_id, token)

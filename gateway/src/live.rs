@@ -9,7 +9,7 @@
 //! `Lagged(n)` and goes on from the oldest message still held, so a slow client can never
 //! slow the writer or other clients.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::broadcast;
@@ -70,7 +70,9 @@ impl Committed {
 pub struct Batch {
     /// The frames, in commit order.
     pub frames: Vec<Committed>,
-    rendered: OnceLock<Vec<Bytes>>,
+    /// Async, so clients that want it while another renders wait without blocking a
+    /// runtime thread.
+    rendered: tokio::sync::OnceCell<Vec<Bytes>>,
 }
 
 impl Batch {
@@ -78,18 +80,25 @@ impl Batch {
     pub fn new(frames: Vec<Committed>) -> Self {
         Self {
             frames,
-            rendered: OnceLock::new(),
+            rendered: tokio::sync::OnceCell::new(),
         }
     }
 
+    /// The rendering, if some reader has made it already.
+    pub fn rendered_now(&self) -> Option<&[Bytes]> {
+        self.rendered.get().map(Vec::as_slice)
+    }
+
     /// Each frame's [`Committed::to_json`], in order.
-    pub fn rendered(&self) -> &[Bytes] {
-        self.rendered.get_or_init(|| {
-            self.frames
-                .iter()
-                .map(|f| Bytes::from(f.to_json()))
-                .collect()
-        })
+    pub async fn rendered(&self) -> &[Bytes] {
+        self.rendered
+            .get_or_init(|| async {
+                self.frames
+                    .iter()
+                    .map(|f| Bytes::from(f.to_json()))
+                    .collect()
+            })
+            .await
     }
 }
 

@@ -47,6 +47,14 @@ async fn post(http: SocketAddr, path: &str, body: Value) -> (u16, Value) {
     (status, r.json().await.expect("JSON body"))
 }
 
+/// Asserts an error response: its status, its code, and that its message mentions `what`.
+fn expect_error((status, body): (u16, Value), want: u16, code: &str, what: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(what), "{message:?} should mention {what}");
+}
+
 /// Polls `path` until `done` says yes (or panics after 30 s).
 async fn wait_for(http: SocketAddr, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..300 {
@@ -268,75 +276,51 @@ async fn bad_requests_get_coded_json_errors_naming_the_problem() {
         .unwrap();
     assert_eq!(r.status(), 200);
 
-    let (status, body) = get(http, "/api/v1/devices?limit=0").await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("bad_parameter"))
+    expect_error(
+        get(http, "/api/v1/devices?limit=0").await,
+        400,
+        "bad_parameter",
+        "`limit`",
     );
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("`limit`"),
-        "{body}"
+    expect_error(
+        get(http, "/api/v1/devices?onlin=true").await,
+        400,
+        "bad_parameter",
+        "`onlin`",
     );
-    let (status, body) = get(http, "/api/v1/devices?onlin=true").await;
-    assert_eq!(status, 400);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("`onlin`"),
-        "{body}"
+    expect_error(
+        get(http, "/api/v1/devices/ghost").await,
+        404,
+        "not_found",
+        "ghost",
     );
-    let (status, body) = get(http, "/api/v1/devices/ghost").await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (404, Some("not_found"))
+    expect_error(
+        get(http, "/api/v1/devices/ghost/readings").await,
+        404,
+        "not_found",
+        "ghost",
     );
-    let (status, _) = get(http, "/api/v1/devices/ghost/readings").await;
-    assert_eq!(status, 404);
-    let (status, _) = get(http, "/api/v1/nothing-here").await;
-    assert_eq!(status, 404);
+    expect_error(
+        get(http, "/api/v1/nothing-here").await,
+        404,
+        "not_found",
+        "nothing-here",
+    );
 
     // Provision, then the same id again: conflict; a bad body names its field.
     let (status, body) = post(http, "/api/v1/devices", json!({"id": "meter-9"})).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["token"].as_str().unwrap().len(), 48);
-    let (status, body) = post(http, "/api/v1/devices", json!({"id": "meter-9"})).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (409, Some("conflict"))
-    );
-    let (status, body) = post(http, "/api/v1/devices", json!({"name": "x"})).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (400, Some("bad_body"))
-    );
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("id"),
-        "{body}"
-    );
-    let (status, body) = get(http, "/api/v1/devices/meter-9/readings?from=soon").await;
-    assert_eq!(status, 400);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("`from`"),
-        "{body}"
-    );
-    let (status, body) = get(http, "/api/v1/devices/meter-9/readings?after=xyz").await;
-    assert_eq!(status, 400);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("`after`"),
-        "{body}"
-    );
-    let (status, _) = post(http, "/api/v1/devices/ghost/commands", json!({"name": "x"})).await;
-    assert_eq!(status, 404);
+    let again = post(http, "/api/v1/devices", json!({"id": "meter-9"})).await;
+    expect_error(again, 409, "conflict", "meter-9");
+    let nameless = post(http, "/api/v1/devices", json!({"name": "x"})).await;
+    expect_error(nameless, 400, "bad_body", "id");
+    let soon = get(http, "/api/v1/devices/meter-9/readings?from=soon").await;
+    expect_error(soon, 400, "bad_parameter", "`from`");
+    let junk = get(http, "/api/v1/devices/meter-9/readings?after=xyz").await;
+    expect_error(junk, 400, "bad_parameter", "`after`");
+    let ghost = post(http, "/api/v1/devices/ghost/commands", json!({"name": "x"})).await;
+    expect_error(ghost, 404, "not_found", "ghost");
 
     // The OpenAPI document lists the routes.
     let (status, doc) = get(http, "/api/v1/openapi.json").await;

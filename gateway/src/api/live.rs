@@ -149,8 +149,23 @@ async fn queue(
     let mut n = 0;
     match event {
         LiveEvent::Frames(batch) => {
-            // Rendered once for all clients; a sensor filter needs a rendering of its own.
-            let shared = filter.sensors.is_none().then(|| batch.rendered());
+            let wanted = batch
+                .frames
+                .iter()
+                .filter(|f| filter.wants(&f.device, f.kind()))
+                .count();
+            if wanted == 0 {
+                return Ok(0);
+            }
+            // Rendered once for all clients; a client that wants a few frames of a batch
+            // nobody rendered yet renders just those, and a sensor filter needs a rendering
+            // of its own.
+            let shared = match (&filter.sensors, batch.rendered_now()) {
+                (Some(_), _) => None,
+                (None, Some(r)) => Some(r),
+                (None, None) if wanted * 4 < batch.frames.len() => None,
+                (None, None) => Some(batch.rendered().await),
+            };
             for (i, frame) in batch.frames.iter().enumerate() {
                 if !filter.wants(&frame.device, frame.kind()) {
                     continue;
