@@ -200,6 +200,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
                 pace: pace.clone(),
                 max_live_clients: config.http.max_live_clients,
                 live_ping: config.http.live_ping,
+                live_budget: api::live::Budget::new(config.http.live_max_bytes_per_s),
                 shutdown: shutdown.clone(),
             });
             Some(tokio::spawn(api::serve(

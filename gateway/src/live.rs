@@ -73,6 +73,8 @@ pub struct Batch {
     /// Async, so clients that want it while another renders wait without blocking a
     /// runtime thread.
     rendered: tokio::sync::OnceCell<Vec<Bytes>>,
+    /// All of them as one `batch` message, likewise shared.
+    joined: tokio::sync::OnceCell<Bytes>,
 }
 
 impl Batch {
@@ -81,12 +83,23 @@ impl Batch {
         Self {
             frames,
             rendered: tokio::sync::OnceCell::new(),
+            joined: tokio::sync::OnceCell::new(),
         }
     }
 
     /// The rendering, if some reader has made it already.
     pub fn rendered_now(&self) -> Option<&[Bytes]> {
         self.rendered.get().map(Vec::as_slice)
+    }
+
+    /// Every frame as one [`payload::batch`] message.
+    pub async fn joined(&self) -> &Bytes {
+        self.joined
+            .get_or_init(|| async {
+                let rendered = self.rendered().await;
+                Bytes::from(payload::batch(rendered.iter().map(|b| &b[..])))
+            })
+            .await
     }
 
     /// Each frame's [`Committed::to_json`], in order.

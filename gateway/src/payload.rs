@@ -191,6 +191,20 @@ pub fn typed(kind: &str, json: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Several of the objects above (each already typed) as one object:
+/// `{"type":"batch","messages":[...]}`, for feed clients that take a commit at a time.
+pub fn batch<'a>(messages: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = b"{\"type\":\"batch\",\"messages\":[".to_vec();
+    for (i, m) in messages.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +275,17 @@ mod tests {
         );
         assert!(both.starts_with(br#"{"type":"status","#));
         assert_eq!(typed("x", b"{}"), br#"{"type":"x"}"#);
+    }
+
+    #[test]
+    fn a_batch_is_one_object_holding_the_messages_in_order() {
+        let a = typed("status", &status_json(Some("a"), true, 1, None, None));
+        let b = typed("status", &status_json(Some("b"), false, 2, None, None));
+        let joined: serde_json::Value =
+            serde_json::from_slice(&batch([&a[..], &b[..]].into_iter())).unwrap();
+        assert_eq!(joined["type"], "batch");
+        assert_eq!(joined["messages"][1]["device_id"], "b");
+        let empty: serde_json::Value = serde_json::from_slice(&batch(std::iter::empty())).unwrap();
+        assert_eq!(empty["messages"], serde_json::json!([]));
     }
 }

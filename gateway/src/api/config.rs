@@ -34,6 +34,10 @@ pub struct HttpConfig {
     pub live_buffer: usize,
     /// Most WebSocket clients of the live feed at once; more get 503. Default 64.
     pub max_live_clients: usize,
+    /// Bytes per second the live feed may send, all clients together; 0: unlimited. Default
+    /// 8388608 (8 MiB/s). Clients that want more fall behind and are told they lagged, so
+    /// dashboards can never take the cores ingest needs.
+    pub live_max_bytes_per_s: u64,
     /// Ping interval of idle WebSocket clients. Default 20s.
     #[serde(with = "humantime_serde")]
     pub live_ping: Duration,
@@ -50,6 +54,7 @@ impl Default for HttpConfig {
             tls: None,
             live_buffer: 1024,
             max_live_clients: 64,
+            live_max_bytes_per_s: 8 * 1024 * 1024,
             live_ping: Duration::from_secs(20),
         }
     }

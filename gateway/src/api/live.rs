@@ -18,13 +18,14 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::SinkExt;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::{ApiError, ErrorBody};
 use super::ApiState;
-use crate::live::{LiveEvent, StatusChange};
+use crate::live::{Batch, LiveEvent, StatusChange};
 use crate::payload;
 use crate::store::writer::FrameBody;
 
@@ -43,6 +44,11 @@ pub struct Subscribe {
     pub sensors: Option<Vec<String>>,
     /// Only these kinds: `telemetry`, `event`, `status`, `command`.
     pub kinds: Option<Vec<String>>,
+    /// Receive the frames of each commit as one message,
+    /// `{"type":"batch","messages":[...]}`, instead of one message each: far cheaper for
+    /// both ends when taking everything. Default false.
+    #[serde(default)]
+    pub batch: bool,
 }
 
 const KINDS: [&str; 4] = ["telemetry", "event", "status", "command"];
@@ -53,6 +59,7 @@ struct Filter {
     devices: Option<HashSet<String>>,
     sensors: Option<HashSet<String>>,
     kinds: Option<HashSet<&'static str>>,
+    batch: bool,
 }
 
 impl Filter {
@@ -78,12 +85,23 @@ impl Filter {
             devices: s.devices.map(|d| d.into_iter().collect()),
             sensors: s.sensors.map(|d| d.into_iter().collect()),
             kinds,
+            batch: s.batch,
         })
     }
 
     fn wants(&self, device: &str, kind: &str) -> bool {
         self.devices.as_ref().is_none_or(|d| d.contains(device))
             && self.kinds.as_ref().is_none_or(|k| k.contains(kind))
+    }
+
+    fn wants_everything(&self) -> bool {
+        self.devices.is_none()
+            && self.sensors.is_none()
+            && self.kinds.as_ref().is_none_or(|k| {
+                ["telemetry", "event", "command"]
+                    .iter()
+                    .all(|x| k.contains(x))
+            })
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -99,6 +117,7 @@ impl Filter {
             "devices": sorted(&self.devices),
             "sensors": sorted(&self.sensors),
             "kinds": self.kinds.as_ref().map(|k| KINDS.iter().filter(|x| k.contains(*x)).collect::<Vec<_>>()),
+            "batch": self.batch,
         })
     }
 }
@@ -140,60 +159,135 @@ fn text(json: Vec<u8>) -> Message {
     Message::Text(Utf8Bytes::from(String::from_utf8(json).unwrap_or_default()))
 }
 
+/// The live feed's byte budget, shared by every client: a token bucket refilled at
+/// `http.live_max_bytes_per_s` (holding at most a second's worth). A client that wants more
+/// waits, falls behind the hub, and is told it lagged: on a small box the feed can never take
+/// the cores that ingest needs, however many clients take everything.
+pub struct Budget {
+    /// Bytes per second; 0: unlimited.
+    rate: f64,
+    /// (bytes available, when last refilled); negative after a message larger than a
+    /// second's worth.
+    state: std::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl Budget {
+    /// A budget of `bytes_per_s` (0: unlimited).
+    pub fn new(bytes_per_s: u64) -> Self {
+        Self {
+            rate: bytes_per_s as f64,
+            state: std::sync::Mutex::new((bytes_per_s as f64, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Waits until `bytes` may be sent.
+    pub async fn take(&self, bytes: usize) {
+        if self.rate <= 0.0 {
+            return;
+        }
+        loop {
+            let wait = {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let now = tokio::time::Instant::now();
+                let refill = now.duration_since(state.1).as_secs_f64() * self.rate;
+                state.0 = (state.0 + refill).min(self.rate);
+                state.1 = now;
+                // A message larger than the bucket needs a full bucket, and then takes
+                // the bucket into debt.
+                let needed = (bytes as f64).min(self.rate);
+                if state.0 >= needed {
+                    state.0 -= bytes as f64;
+                    return;
+                }
+                Duration::from_secs_f64((needed - state.0) / self.rate)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The JSON of the frames of `batch` that `filter` wants, in order.
+async fn frame_jsons(filter: &Filter, batch: &Batch) -> Vec<Bytes> {
+    let wanted = batch
+        .frames
+        .iter()
+        .filter(|f| filter.wants(&f.device, f.kind()))
+        .count();
+    if wanted == 0 {
+        return Vec::new();
+    }
+    // Rendered once for all clients; a client that wants a few frames of a batch nobody
+    // rendered yet renders just those, and a sensor filter needs a rendering of its own.
+    let shared = match (&filter.sensors, batch.rendered_now()) {
+        (Some(_), _) => None,
+        (None, Some(r)) => Some(r),
+        (None, None) if wanted * 4 < batch.frames.len() => None,
+        (None, None) => Some(batch.rendered().await),
+    };
+    let mut out = Vec::with_capacity(wanted);
+    for (i, frame) in batch.frames.iter().enumerate() {
+        if !filter.wants(&frame.device, frame.kind()) {
+            continue;
+        }
+        out.push(match (&frame.body, &filter.sensors, shared) {
+            (FrameBody::Telemetry(t), Some(sensors), _) => {
+                let mut t = t.clone();
+                t.readings.retain(|r| sensors.contains(&r.sensor));
+                if t.readings.is_empty() {
+                    continue;
+                }
+                let json = payload::telemetry_json(
+                    &frame.device,
+                    frame.epoch,
+                    frame.seq,
+                    frame.received_ms,
+                    &t,
+                );
+                Bytes::from(payload::typed("telemetry", &json))
+            }
+            (_, _, Some(rendered)) => rendered[i].clone(),
+            (_, _, None) => Bytes::from(frame.to_json()),
+        });
+    }
+    out
+}
+
 /// Queues the messages an event holds for this client; returns how many.
 async fn queue(
     socket: &mut WebSocket,
     filter: &Filter,
     event: &LiveEvent,
+    budget: &Budget,
 ) -> Result<usize, axum::Error> {
     let mut n = 0;
     match event {
         LiveEvent::Frames(batch) => {
-            let wanted = batch
-                .frames
-                .iter()
-                .filter(|f| filter.wants(&f.device, f.kind()))
-                .count();
-            if wanted == 0 {
+            if filter.batch && filter.wants_everything() {
+                // The whole commit as one message, built once for every such client.
+                let joined = batch.joined().await.clone();
+                budget.take(joined.len()).await;
+                if let Ok(t) = Utf8Bytes::try_from(joined) {
+                    socket.feed(Message::Text(t)).await?;
+                    n += 1;
+                }
+                return Ok(n);
+            }
+            let frames = frame_jsons(filter, batch).await;
+            if frames.is_empty() {
                 return Ok(0);
             }
-            // Rendered once for all clients; a client that wants a few frames of a batch
-            // nobody rendered yet renders just those, and a sensor filter needs a rendering
-            // of its own.
-            let shared = match (&filter.sensors, batch.rendered_now()) {
-                (Some(_), _) => None,
-                (None, Some(r)) => Some(r),
-                (None, None) if wanted * 4 < batch.frames.len() => None,
-                (None, None) => Some(batch.rendered().await),
-            };
-            for (i, frame) in batch.frames.iter().enumerate() {
-                if !filter.wants(&frame.device, frame.kind()) {
-                    continue;
+            if filter.batch {
+                let joined = payload::batch(frames.iter().map(|b| &b[..]));
+                budget.take(joined.len()).await;
+                socket.feed(text(joined)).await?;
+                return Ok(1);
+            }
+            budget.take(frames.iter().map(Bytes::len).sum()).await;
+            for json in frames {
+                if let Ok(t) = Utf8Bytes::try_from(json) {
+                    socket.feed(Message::Text(t)).await?;
+                    n += 1;
                 }
-                let message = match (&frame.body, &filter.sensors, shared) {
-                    (FrameBody::Telemetry(t), Some(sensors), _) => {
-                        let mut t = t.clone();
-                        t.readings.retain(|r| sensors.contains(&r.sensor));
-                        if t.readings.is_empty() {
-                            continue;
-                        }
-                        let json = payload::telemetry_json(
-                            &frame.device,
-                            frame.epoch,
-                            frame.seq,
-                            frame.received_ms,
-                            &t,
-                        );
-                        text(payload::typed("telemetry", &json))
-                    }
-                    (_, _, Some(rendered)) => match Utf8Bytes::try_from(rendered[i].clone()) {
-                        Ok(t) => Message::Text(t),
-                        Err(_) => continue,
-                    },
-                    (_, _, None) => text(frame.to_json()),
-                };
-                socket.feed(message).await?;
-                n += 1;
             }
         }
         LiveEvent::Status(s) => {
@@ -263,7 +357,7 @@ async fn feed(mut socket: WebSocket, state: &ApiState) {
             event = live.recv() => {
                 let sent = match event {
                     Ok(event) => tokio::time::timeout(WRITE_TIMEOUT, async {
-                        let n = queue(&mut socket, &filter, &event).await?;
+                        let n = queue(&mut socket, &filter, &event, &state.live_budget).await?;
                         if n > 0 {
                             socket.flush().await?;
                         }
@@ -298,12 +392,27 @@ async fn feed(mut socket: WebSocket, state: &ApiState) {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_budget_holds_senders_to_its_rate() {
+        let budget = Budget::new(1000);
+        let start = tokio::time::Instant::now();
+        for _ in 0..5 {
+            budget.take(1000).await;
+        }
+        // A second's worth at once, then one message a second.
+        assert_eq!(start.elapsed().as_secs(), 4);
+        let free = Budget::new(0);
+        free.take(usize::MAX).await;
+        free.take(usize::MAX).await;
+    }
+
     #[test]
     fn a_subscription_matches_devices_and_kinds() {
         let f = Filter::from(Subscribe {
             devices: Some(vec!["a".into()]),
             sensors: None,
             kinds: Some(vec!["telemetry".into(), "status".into()]),
+            batch: false,
         })
         .unwrap();
         assert!(f.wants("a", "telemetry"));

@@ -66,6 +66,8 @@ pub struct ApiState {
     pub max_live_clients: usize,
     /// Ping interval of live-feed clients.
     pub live_ping: Duration,
+    /// Bytes per second the live feed may send, all clients together.
+    pub live_budget: live::Budget,
     /// Cancelled when the gateway stops: live feeds send a close frame.
     pub shutdown: CancellationToken,
 }
