@@ -761,6 +761,10 @@ mod tests {
         assert_eq!(config.http.live_buffer, defaults.http.live_buffer);
         assert_eq!(config.http.max_live_clients, defaults.http.max_live_clients);
         assert_eq!(config.http.live_ping, defaults.http.live_ping);
+        assert_eq!(
+            config.http.live_max_bytes_per_s,
+            defaults.http.live_max_bytes_per_s
+        );
     }
 
     #[test]
