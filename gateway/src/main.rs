@@ -45,7 +45,7 @@ struct Common {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default command).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run only the embedded MQTT broker (rumqttd), e.g. for a second gateway to bridge to.
     Broker {
         /// Its MQTT listener.
@@ -172,8 +172,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Run(cli.run)) {
-            Command::Run(args) => run(args).await,
+        match cli.command.unwrap_or(Command::Run(Box::new(cli.run))) {
+            Command::Run(args) => run(*args).await,
             Command::Devices { command, common } => devices_cmd(command, common).await,
             Command::Broker { listen } => broker_cmd(listen).await,
             Command::BenchStore {

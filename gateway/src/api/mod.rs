@@ -7,10 +7,10 @@
 //! and committed data through the live hub, never the writer's path, so no request can slow
 //! or endanger an ack.
 //!
-//! - [`config`]: `[http]`.
-//! - [`auth`]: the bearer token; [`error`]: the JSON error shape; [`params`]: query parsing.
-//! - [`devices`], [`data`], [`commands`], [`system`], [`live`]: the routes.
-//! - [`openapi`]: the document at `/api/v1/openapi.json`; [`tls`]: HTTPS.
+//! - `config`: `[http]`.
+//! - `auth`: the bearer token; `error`: the JSON error shape; `params`: query parsing.
+//! - `devices`, `data`, `commands`, `system`, `live`: the routes.
+//! - `openapi`: the document at `/api/v1/openapi.json`; `tls`: HTTPS.
 
 pub mod auth;
 pub mod commands;

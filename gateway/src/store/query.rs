@@ -395,6 +395,9 @@ pub struct Bucket {
     pub count: i64,
 }
 
+/// (bucket, min, max, avg, count).
+type BucketRow = (i64, Option<f64>, Option<f64>, Option<f64>, i64);
+
 /// SQL for one series' page of step aggregates.
 pub fn buckets_sql(order: Order) -> &'static str {
     match order {
@@ -432,15 +435,14 @@ pub async fn buckets(
                 Order::Desc => to = to.min(bucket),
             }
         }
-        let rows: Vec<(i64, Option<f64>, Option<f64>, Option<f64>, i64)> =
-            sqlx::query_as(buckets_sql(range.order))
-                .bind(id)
-                .bind(step_ms)
-                .bind(from)
-                .bind(to)
-                .bind(range.limit)
-                .fetch_all(pool)
-                .await?;
+        let rows: Vec<BucketRow> = sqlx::query_as(buckets_sql(range.order))
+            .bind(id)
+            .bind(step_ms)
+            .bind(from)
+            .bind(to)
+            .bind(range.limit)
+            .fetch_all(pool)
+            .await?;
         all.extend(rows.into_iter().map(|r| Bucket {
             sensor: name.clone(),
             series: *id,
@@ -483,6 +485,9 @@ pub struct EventRecord {
     pub key: (i64, i64, i64),
 }
 
+/// (device_id, epoch, seq, ts_ms, kind, message, severity, stream).
+type EventRow = (String, i64, i64, i64, String, String, i32, i64);
+
 /// SQL for a page of events, oldest first, of one device (`?1` its id) or of all
 /// (`?1` NULL).
 pub fn events_sql(device: bool) -> &'static str {
@@ -511,16 +516,15 @@ pub async fn events(
     after: Option<(i64, i64, i64)>,
 ) -> Result<(Vec<EventRecord>, Option<(i64, i64, i64)>), StoreError> {
     let b = after.unwrap_or((from, i64::MIN, i64::MIN));
-    let rows: Vec<(String, i64, i64, i64, String, String, i32, i64)> =
-        sqlx::query_as(events_sql(device_id.is_some()))
-            .bind(device_id)
-            .bind(b.0.max(from))
-            .bind(if b.0 >= from { b.1 } else { i64::MIN })
-            .bind(if b.0 >= from { b.2 } else { i64::MIN })
-            .bind(to)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<EventRow> = sqlx::query_as(events_sql(device_id.is_some()))
+        .bind(device_id)
+        .bind(b.0.max(from))
+        .bind(if b.0 >= from { b.1 } else { i64::MIN })
+        .bind(if b.0 >= from { b.2 } else { i64::MIN })
+        .bind(to)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     let out: Vec<EventRecord> = rows
         .into_iter()
         .map(|r| EventRecord {
