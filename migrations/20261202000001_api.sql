@@ -1,10 +1,11 @@
 -- The operator API: what `GET /api/v1/devices` shows of each device without scanning
 -- readings, command result payloads, and a time index for `GET /api/v1/events?since=`.
 
--- Per (device, epoch): frames stored and when the last one was received (gateway clock,
--- Unix ms). The writer sets both in the `UPDATE streams` it already runs per stream per
--- batch, so they cost no extra statement.
+-- Per (device, epoch): frames and readings stored and when the last frame was received
+-- (gateway clock, Unix ms). The writer sets them in the `UPDATE streams` it already runs per
+-- stream per batch, so they cost no extra statement.
 ALTER TABLE streams ADD COLUMN frames INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE streams ADD COLUMN readings INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE streams ADD COLUMN last_ms INTEGER;
 
 -- The device's latest Hello: its firmware, link kind (tcp, tls, serial), peer address and

@@ -130,6 +130,7 @@ async fn a_fleet_of_fifty_shows_online_then_offline_and_its_readings_match_the_a
     let id = &outcome.device_id;
     let (_, device) = get(http, &format!("/api/v1/devices/{id}")).await;
     assert_eq!(device["frames_total"], outcome.frames_acked);
+    assert_eq!(device["readings_total"], outcome.readings_acked);
     assert_eq!(device["last_seq"], outcome.last_acked_seq);
     assert_eq!(device["online"], false);
     assert_eq!(device["sensors"].as_array().unwrap().len(), 4);

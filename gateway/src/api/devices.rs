@@ -38,6 +38,8 @@ pub struct Device {
     pub last_seen_ms: Option<i64>,
     /// Frames stored from it, all epochs.
     pub frames_total: u64,
+    /// Readings stored from it, all epochs.
+    pub readings_total: u64,
     /// Whether it is revoked.
     pub revoked: bool,
     /// When it was revoked, Unix ms.
@@ -75,6 +77,7 @@ fn render(record: &DeviceRecord, online: Option<Online>) -> Device {
             .map(|o| o.last_seen_ms)
             .or(record.last_seen_ms()),
         frames_total: record.frames_total(),
+        readings_total: record.readings_total(),
         revoked: record.revoked_at_ms.is_some(),
         revoked_at_ms: record.revoked_at_ms,
         provisioned: record.has_token,

@@ -11,10 +11,12 @@
 //! - `auth`: the bearer token; `error`: the JSON error shape; `params`: query parsing.
 //! - `devices`, `data`, `commands`, `system`, `live`: the routes.
 //! - `openapi`: the document at `/api/v1/openapi.json`; `tls`: HTTPS.
+//! - `dashboard`: the web page at `/`.
 
 pub mod auth;
 pub mod commands;
 pub mod config;
+pub mod dashboard;
 pub mod data;
 pub mod devices;
 pub mod error;
@@ -98,6 +100,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         open = open.route_layer(token);
     }
     api.merge(open)
+        .merge(dashboard::routes())
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
         .with_state(state)

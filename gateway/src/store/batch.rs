@@ -125,6 +125,8 @@ struct Pending {
     seq: u64,
     /// Frames stored.
     frames: i64,
+    /// Readings stored.
+    readings: i64,
     /// Receive time of the newest frame.
     last_ms: i64,
 }
@@ -294,6 +296,7 @@ impl Batcher {
                     epoch,
                     seq: 0,
                     frames: 0,
+                    readings: 0,
                     last_ms: 0,
                 });
                 p.seq = frame.seq;
@@ -311,6 +314,9 @@ impl Batcher {
                             reading.execute(params![series, ts, stream, seq, idx as i64, value])?;
                         }
                         stored.readings += t.readings.len() as u64;
+                        if let Some(p) = pending.get_mut(&stream) {
+                            p.readings += t.readings.len() as i64;
+                        }
                         body.clear();
                         t.encode(body)
                             .map_err(|e| StoreError::Encode(e.to_string()))?;
@@ -369,10 +375,17 @@ impl Batcher {
                 }
             }
             let mut seqs = tx.prepare_cached(
-                "UPDATE streams SET last_seq = ?1, frames = frames + ?3, last_ms = MAX(COALESCE(last_ms, 0), ?4) WHERE id = ?2",
+                "UPDATE streams SET last_seq = ?1, frames = frames + ?3, readings = readings + ?5,
+                 last_ms = MAX(COALESCE(last_ms, 0), ?4) WHERE id = ?2",
             )?;
             for (stream, p) in pending.iter() {
-                seqs.execute(params![u64_to_sql(p.seq), stream, p.frames, p.last_ms])?;
+                seqs.execute(params![
+                    u64_to_sql(p.seq),
+                    stream,
+                    p.frames,
+                    p.last_ms,
+                    p.readings
+                ])?;
             }
         }
         tx.commit()?;

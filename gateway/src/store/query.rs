@@ -43,6 +43,8 @@ pub struct StreamRecord {
     pub last_seq: u64,
     /// Frames stored.
     pub frames: u64,
+    /// Readings stored.
+    pub readings: u64,
     /// When its last frame was received, Unix ms.
     pub last_ms: Option<i64>,
 }
@@ -51,6 +53,11 @@ impl DeviceRecord {
     /// Frames stored over every epoch.
     pub fn frames_total(&self) -> u64 {
         self.streams.iter().map(|s| s.frames).sum()
+    }
+
+    /// Readings stored over every epoch.
+    pub fn readings_total(&self) -> u64 {
+        self.streams.iter().map(|s| s.readings).sum()
     }
 
     /// The stream of `epoch`, or else the one that received data last.
@@ -84,12 +91,13 @@ type DeviceRow = (
     Option<i64>,
     Option<i64>,
     Option<i64>,
+    Option<i64>,
 );
 
 const DEVICE_COLUMNS: &str =
     "d.device_id, d.token_hash IS NOT NULL, d.revoked_at_ms, d.created_at_ms,
     d.firmware_version, d.last_link, d.last_peer, d.last_hello_ms,
-    s.epoch, s.last_seq, s.frames, s.last_ms";
+    s.epoch, s.last_seq, s.frames, s.last_ms, s.readings";
 
 fn group(rows: Vec<DeviceRow>) -> Vec<DeviceRecord> {
     let mut out: Vec<DeviceRecord> = Vec::new();
@@ -114,6 +122,7 @@ fn group(rows: Vec<DeviceRow>) -> Vec<DeviceRecord> {
                 epoch: u64_from_sql(epoch),
                 last_seq: u64_from_sql(last_seq),
                 frames: frames.max(0) as u64,
+                readings: r.12.unwrap_or(0).max(0) as u64,
                 last_ms: r.11,
             });
         }
