@@ -323,6 +323,49 @@ async fn bad_requests_get_coded_json_errors_naming_the_problem() {
     let ghost = post(http, "/api/v1/devices/ghost/commands", json!({"name": "x"})).await;
     expect_error(ghost, 404, "not_found", "ghost");
 
+    // A body without its content type is a 415, in the same JSON shape.
+    let r = c
+        .post(format!("http://{http}/api/v1/devices"))
+        .bearer_auth(API_TOKEN)
+        .body(r#"{"id":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "bad_body"
+    );
+    // Browsers on other origins may call it (the token still decides).
+    let r = c
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("http://{http}/api/v1/stats"),
+        )
+        .header("origin", "http://grafana.site:3000")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    // HTTP/2 in the clear (prior knowledge) is served too.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("http://{http}/api/v1/stats"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, reqwest::Version::HTTP_2)
+    );
+
     // The OpenAPI document lists the routes.
     let (status, doc) = get(http, "/api/v1/openapi.json").await;
     assert_eq!(status, 200);

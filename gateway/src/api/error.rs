@@ -104,7 +104,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(rejection) => Err(ApiError::body(rejection.body_text())),
+            // 415 without `Content-Type: application/json`, 413 when too large, else 400
+            // (malformed JSON, or JSON of the wrong shape).
+            Err(rejection) => {
+                let status = match rejection.status() {
+                    s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Err(ApiError::new(status, "bad_body", rejection.body_text()))
+            }
         }
     }
 }

@@ -99,15 +99,25 @@ pub fn router(state: Arc<ApiState>) -> Router {
     if state.protect_all {
         open = open.route_layer(token);
     }
+    // Any origin may call the API from a browser (Grafana panels, scripts on another host):
+    // it takes no cookies, only the bearer token, so CORS adds no authority of its own.
+    let cors = tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+        ]);
     api.merge(open)
         .merge(dashboard::routes())
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
+        .layer(cors)
         .with_state(state)
 }
 
 /// Serves the API on `listener` (over TLS with `tls`) until `shutdown`; open requests
-/// finish first.
+/// finish first. HTTP/1.1 and HTTP/2 (h2c in the clear, ALPN `h2` over TLS).
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -123,7 +133,7 @@ pub async fn serve(
         }
         Some(config) => {
             let mut config = (*config).clone();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
             let listener = tls::TlsListener::new(listener, acceptor)?;
             axum::serve(listener, app)
