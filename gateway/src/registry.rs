@@ -2,13 +2,15 @@
 //! and how to reach it.
 //!
 //! The newest connection wins: registering a device that already has a link cancels the old
-//! link's `superseded` token, and that link closes with `ERROR_CODE_SUPERSEDED`. An operator's
-//! revoke cancels the link's `revoked` token, and it closes with `ERROR_CODE_DEVICE_REVOKED`
-//! at once. Each entry holds a bounded sender of commands for the link and the link's
-//! last-heard clock. Short critical sections under a mutex; nothing awaits while holding it.
+//! link's `ended` token, and that link closes with `ERROR_CODE_SUPERSEDED`. An operator's
+//! revoke marks the link revoked and cancels the same token, and it closes with
+//! `ERROR_CODE_DEVICE_REVOKED` at once. Each entry holds a bounded sender of commands for the
+//! link and the link's last-heard clock (one small shared allocation with the revoked mark:
+//! state per idle link is counted in bytes). Short critical sections under a mutex; nothing
+//! awaits while holding it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use proto::v1::Command;
@@ -43,12 +45,27 @@ pub struct Online {
     pub last_seen_ms: i64,
 }
 
+/// What a link and its registry entry share.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    /// When anything was last received on the link, Unix ms.
+    pub last_seen_ms: AtomicI64,
+    /// Set (before `ended` is cancelled) when an operator revoked the device.
+    revoked: AtomicBool,
+}
+
+impl LinkState {
+    /// Whether the link ended because the device was revoked (else: superseded).
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+}
+
 struct Entry {
     conn: u64,
     info: LinkInfo,
-    last_seen_ms: Arc<AtomicI64>,
-    superseded: CancellationToken,
-    revoked: CancellationToken,
+    state: Arc<LinkState>,
+    ended: CancellationToken,
     /// Boxed: the channel allocates its first block of slots up front, per link.
     commands: mpsc::Sender<Box<Command>>,
 }
@@ -64,44 +81,43 @@ pub struct Registry {
 pub struct Registration {
     /// Identifies this link among the device's links.
     pub conn: u64,
-    /// Cancelled when a newer link of the same device registers.
-    pub superseded: CancellationToken,
-    /// Cancelled when an operator revokes the device.
-    pub revoked: CancellationToken,
+    /// Cancelled when a newer link of the same device registers, or when an operator
+    /// revokes the device (then [`LinkState::revoked`] says so).
+    pub ended: CancellationToken,
     /// Commands routed to this link while it is current.
     pub commands: mpsc::Receiver<Box<Command>>,
     /// The link stores the time of each message it receives here.
-    pub last_seen_ms: Arc<AtomicI64>,
+    pub state: Arc<LinkState>,
 }
 
 impl Registry {
     /// Makes this link the device's current one, superseding any older link.
     pub fn register(&self, device: &Arc<str>, info: LinkInfo) -> Registration {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let superseded = CancellationToken::new();
-        let revoked = CancellationToken::new();
-        let last_seen_ms = Arc::new(AtomicI64::new(info.connected_ms));
+        let ended = CancellationToken::new();
+        let state = Arc::new(LinkState {
+            last_seen_ms: AtomicI64::new(info.connected_ms),
+            revoked: AtomicBool::new(false),
+        });
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let old = self.lock().insert(
             device.clone(),
             Entry {
                 conn,
                 info,
-                last_seen_ms: last_seen_ms.clone(),
-                superseded: superseded.clone(),
-                revoked: revoked.clone(),
+                state: state.clone(),
+                ended: ended.clone(),
                 commands: tx,
             },
         );
         if let Some(old) = old {
-            old.superseded.cancel();
+            old.ended.cancel();
         }
         Registration {
             conn,
-            superseded,
-            revoked,
+            ended,
             commands,
-            last_seen_ms,
+            state,
         }
     }
 
@@ -119,7 +135,8 @@ impl Registry {
     /// Closes the device's current link with `DEVICE_REVOKED`; false if it has none.
     pub fn revoke(&self, device: &str) -> bool {
         self.lock().get(device).is_some_and(|e| {
-            e.revoked.cancel();
+            e.state.revoked.store(true, Ordering::Release);
+            e.ended.cancel();
             true
         })
     }
@@ -144,7 +161,7 @@ impl Registry {
     pub fn get(&self, device: &str) -> Option<Online> {
         self.lock().get(device).map(|e| Online {
             info: e.info.clone(),
-            last_seen_ms: e.last_seen_ms.load(Ordering::Relaxed),
+            last_seen_ms: e.state.last_seen_ms.load(Ordering::Relaxed),
         })
     }
 
@@ -194,8 +211,8 @@ mod tests {
         let dev: Arc<str> = Arc::from("meter-1");
         let first = registry.register(&dev, info("tcp"));
         let second = registry.register(&dev, info("tcp"));
-        assert!(first.superseded.is_cancelled());
-        assert!(!second.superseded.is_cancelled());
+        assert!(first.ended.is_cancelled() && !first.state.revoked());
+        assert!(!second.ended.is_cancelled());
         // The old link leaving does not remove the new one.
         assert!(!registry.unregister(&dev, first.conn));
         assert_eq!(registry.len(), 1);
@@ -228,13 +245,13 @@ mod tests {
         let registry = Registry::default();
         let dev: Arc<str> = Arc::from("meter-1");
         let reg = registry.register(&dev, info("tls"));
-        reg.last_seen_ms.store(42, Ordering::Relaxed);
+        reg.state.last_seen_ms.store(42, Ordering::Relaxed);
         let online = registry.get("meter-1").expect("online");
         assert_eq!((online.info.link, online.last_seen_ms), ("tls", 42));
         assert!(!registry.revoke("nobody"));
         assert!(registry.revoke("meter-1"));
-        assert!(reg.revoked.is_cancelled());
-        assert!(!reg.superseded.is_cancelled());
+        assert!(reg.ended.is_cancelled());
+        assert!(reg.state.revoked());
         assert_eq!(registry.count_by_link().get("tls"), Some(&1));
     }
 }

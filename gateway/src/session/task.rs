@@ -404,11 +404,12 @@ impl Session<'_> {
                     let drained = self.drain(link, &mut acks).await;
                     return Ended::Closed(drained.err().unwrap_or_else(|| Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down")));
                 }
-                _ = registration.superseded.cancelled() => {
-                    return Ended::Closed(Closed::with(ErrorCode::Superseded, "a newer link of this device connected"));
-                }
-                _ = registration.revoked.cancelled() => {
-                    return Ended::Closed(Closed::with(ErrorCode::DeviceRevoked, "the device was revoked by an operator"));
+                _ = registration.ended.cancelled() => {
+                    return Ended::Closed(if registration.state.revoked() {
+                        Closed::with(ErrorCode::DeviceRevoked, "the device was revoked by an operator")
+                    } else {
+                        Closed::with(ErrorCode::Superseded, "a newer link of this device connected")
+                    });
                 }
                 Ok(()) = acks.changed() => {
                     if let Err(closed) = self.send_ack(link, &mut acks).await {
@@ -447,7 +448,7 @@ impl Session<'_> {
                     let arrived = Instant::now();
                     idle.as_mut().reset(arrived + idle_timeout);
                     let received_ms = now_ms();
-                    registration.last_seen_ms.store(received_ms, Ordering::Relaxed);
+                    registration.state.last_seen_ms.store(received_ms, Ordering::Relaxed);
                     match self.state.on_message(msg, received_ms as u64) {
                         Step::Store { seq, body } => {
                             let frame = WriteFrame {
