@@ -312,6 +312,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
     config.validate()?;
+    // Before anything says "listening": a supervisor that signals as soon as it reads that
+    // line must get a graceful stop, never the default action of SIGTERM.
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
     if let Some(tls) = &config.tcp.tls {
         // Refuse a bad certificate before listening, naming the file.
         gateway::tls::server_config(&tls.cert_file, &tls.key_file)?;
@@ -395,8 +399,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => println!("devices: listening on tcp://{local}"),
     }
 
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
     gateway::app::serve(
         gateway::app::Inputs {
             config,
@@ -411,10 +413,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn broker_cmd(listen: SocketAddr) -> anyhow::Result<()> {
-    let url = tokio::task::spawn_blocking(move || gateway::broker::start(listen)).await??;
-    println!("broker: listening on {url}");
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
+    let url = tokio::task::spawn_blocking(move || gateway::broker::start(listen)).await??;
+    println!("broker: listening on {url}");
     shutdown.cancelled().await;
     Ok(())
 }

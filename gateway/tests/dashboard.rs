@@ -88,6 +88,29 @@ async fn wait_true(page: &Page, js: &str) {
     );
 }
 
+/// Clicks the element at `selector`.
+async fn click(page: &Page, selector: &str) {
+    page.find_element(selector)
+        .await
+        .unwrap_or_else(|e| panic!("{selector}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {selector}: {e}"));
+}
+
+/// Clicks the field at `selector` and types `text` into it, as a person would.
+async fn type_into(page: &Page, selector: &str, text: &str) {
+    page.find_element(selector)
+        .await
+        .unwrap_or_else(|e| panic!("{selector}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {selector}: {e}"))
+        .type_str(text)
+        .await
+        .unwrap_or_else(|e| panic!("typing into {selector}: {e}"));
+}
+
 async fn text(page: &Page, selector: &str) -> String {
     eval(
         page,
@@ -176,21 +199,8 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
 
     // It asks for the token once.
     wait_true(&page, "!document.querySelector('#login').hidden").await;
-    page.find_element("#token")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap()
-        .type_str(API_TOKEN)
-        .await
-        .unwrap();
-    page.find_element("#login-form button")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&page, "#token", API_TOKEN).await;
+    click(&page, "#login-form button").await;
 
     // The overview: the fleet online, readings flowing.
     wait_true(
@@ -227,15 +237,7 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
         "the token is kept in the browser"
     );
     let overview = screenshot(&page, "overview").await;
-    page.find_element("#filter")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap()
-        .type_str("00003")
-        .await
-        .unwrap();
+    type_into(&page, "#filter", "00003").await;
     wait_true(
         &page,
         "document.querySelectorAll('#devices tbody a').length === 1",
@@ -244,12 +246,7 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
     assert_eq!(text(&page, "#devices tbody a").await, "sim-00003");
 
     // A device page: live charts over the history from the readings API.
-    page.find_element("#devices tbody a")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&page, "#devices tbody a").await;
     wait_true(&page, "location.hash === '#/device/sim-00003'").await;
     wait_true(
         &page,
@@ -307,21 +304,8 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
     }
 
     // The command form reaches the device and shows the outcome.
-    page.find_element("#cmd-name")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap()
-        .type_str("ping")
-        .await
-        .unwrap();
-    page.find_element("#command-form button")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&page, "#cmd-name", "ping").await;
+    click(&page, "#command-form button").await;
     wait_true(
         &page,
         "document.querySelector('#cmd-outcome').textContent === 'ok'",

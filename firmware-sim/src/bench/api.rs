@@ -102,6 +102,33 @@ struct Loaded {
     ws_failed: u64,
 }
 
+impl Loaded {
+    /// This run's figures as extras named with `prefix`.
+    fn extras(&self, out: &mut Outcome, prefix: &str, idle_rate: f64) {
+        let side = &self.side;
+        let mut put =
+            |key: &str, value: serde_json::Value| extra(out, &format!("{prefix}{key}"), value);
+        put("readings_per_s", self.report.readings_per_s.round().into());
+        put(
+            "ratio_to_idle",
+            ((self.report.readings_per_s / idle_rate * 100.0).round() / 100.0).into(),
+        );
+        put(
+            "ws_messages",
+            side.ws_messages.load(Ordering::Relaxed).into(),
+        );
+        put(
+            "ws_lagged_messages",
+            side.ws_lagged.load(Ordering::Relaxed).into(),
+        );
+        put("http_polls", side.polls.load(Ordering::Relaxed).into());
+        put(
+            "http_poll_errors",
+            side.poll_errors.load(Ordering::Relaxed).into(),
+        );
+    }
+}
+
 /// One ingest run with 20 live-feed clients (each commit as one message with `batch`, else
 /// one message per frame) and the poller.
 async fn loaded_run(o: &BenchOptions, args: &[String], batch: bool) -> anyhow::Result<Loaded> {
@@ -157,54 +184,13 @@ pub async fn api(o: &BenchOptions, args: &[String]) -> anyhow::Result<Outcome> {
         && batched.report.is_clean()
         && per_frame.report.is_clean()
         && batched.ws_failed + per_frame.ws_failed == 0;
-    let side = &per_frame.side;
     extra(&mut out, "ws_clients", WS_CLIENTS as u64);
     extra(
         &mut out,
         "ws_clients_failed",
         batched.ws_failed + per_frame.ws_failed,
     );
-    extra(
-        &mut out,
-        "ws_messages",
-        side.ws_messages.load(Ordering::Relaxed),
-    );
-    extra(
-        &mut out,
-        "ws_lagged_messages",
-        side.ws_lagged.load(Ordering::Relaxed),
-    );
-    extra(&mut out, "http_polls", side.polls.load(Ordering::Relaxed));
-    extra(
-        &mut out,
-        "http_poll_errors",
-        side.poll_errors.load(Ordering::Relaxed),
-    );
-    let b = &batched.side;
-    extra(
-        &mut out,
-        "batch_readings_per_s",
-        batched.report.readings_per_s.round(),
-    );
-    extra(
-        &mut out,
-        "batch_ratio",
-        (batched.report.readings_per_s / idle_rate * 100.0).round() / 100.0,
-    );
-    extra(
-        &mut out,
-        "batch_ws_messages",
-        b.ws_messages.load(Ordering::Relaxed),
-    );
-    extra(
-        &mut out,
-        "batch_ws_lagged_messages",
-        b.ws_lagged.load(Ordering::Relaxed),
-    );
-    extra(
-        &mut out,
-        "batch_http_poll_errors",
-        b.poll_errors.load(Ordering::Relaxed),
-    );
+    per_frame.extras(&mut out, "", idle_rate);
+    batched.extras(&mut out, "batch_", idle_rate);
     Ok(out)
 }
