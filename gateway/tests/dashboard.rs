@@ -20,6 +20,8 @@ use futures::StreamExt;
 use serde_json::Value;
 
 const DEVICES: usize = 6;
+/// Provisioned devices that never connect, to fill the table.
+const SPARES: usize = 3000;
 
 fn chromium() -> Option<PathBuf> {
     let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
@@ -237,7 +239,58 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
         "the token is kept in the browser"
     );
     let overview = screenshot(&page, "overview").await;
-    type_into(&page, "#filter", "00003").await;
+
+    // Thousands of devices: only the rows in view are in the page, and scrolling shows the
+    // rest.
+    let client = reqwest::Client::new();
+    futures::stream::iter(0..SPARES)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("http://{http}/api/v1/devices");
+            async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(API_TOKEN)
+                    .json(&serde_json::json!({ "id": format!("spare-{i:05}") }))
+                    .send()
+                    .await
+                    .expect("provision");
+                assert_eq!(r.status(), 201);
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let all = DEVICES + SPARES;
+    wait_true(
+        &page,
+        &format!("document.querySelector('#shown').textContent === '{all} of {all} devices'"),
+    )
+    .await;
+    let in_page = eval(
+        &page,
+        "document.querySelectorAll('#devices tbody a').length",
+    )
+    .await;
+    assert!(
+        in_page.as_u64().unwrap() < 100,
+        "{in_page} rows in the page for {all} devices"
+    );
+    eval(
+        &page,
+        "(() => { const s = document.querySelector('#table-scroll'); s.scrollTop = s.scrollHeight; })()",
+    )
+    .await;
+    wait_true(
+        &page,
+        &format!(
+            "[...document.querySelectorAll('#devices tbody a')].some(a => a.textContent === 'spare-{:05}')",
+            SPARES - 1
+        ),
+    )
+    .await;
+
+    type_into(&page, "#filter", "sim-00003").await;
     wait_true(
         &page,
         "document.querySelectorAll('#devices tbody a').length === 1",
