@@ -267,6 +267,7 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
         &format!("document.querySelector('#shown').textContent === '{all} of {all} devices'"),
     )
     .await;
+    screenshot(&page, "overview-thousands").await;
     let in_page = eval(
         &page,
         "document.querySelectorAll('#devices tbody a').length",

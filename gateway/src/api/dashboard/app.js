@@ -90,6 +90,7 @@ $("#login-form").addEventListener("submit", async (e) => {
 // ---- overview -------------------------------------------------------------------------
 
 const rateChart = new LineChart($("#rate-chart"));
+rateChart.zero = true;
 
 async function pollStats() {
   const first = state.samples.length === 0;

@@ -32,6 +32,7 @@ export class LineChart {
     this.canvas = canvas;
     this.series = [];
     this.window = null; // [from, to] in ms, or null: fit the data
+    this.zero = false; // keep 0 on the y axis (rates)
     this.pending = false;
   }
 
@@ -75,15 +76,17 @@ export class LineChart {
       }
     }
     if (this.window) [t0, t1] = this.window;
+    if (this.zero && isFinite(v0)) v0 = Math.min(v0, 0);
     g.fillStyle = css("--muted");
     g.font = "11px system-ui, sans-serif";
     if (!isFinite(v0) || !isFinite(t0) || t1 <= t0) {
       g.fillText("no data yet", pad.l, h / 2);
       return;
     }
-    if (v1 === v0) { v1 += 1; v0 -= 1; }
+    if (v1 === v0) { v1 += 1; v0 -= this.zero && v0 === 0 ? 0 : 1; }
     const span = v1 - v0;
-    v0 -= span * 0.05; v1 += span * 0.05;
+    if (!(this.zero && v0 === 0)) v0 -= span * 0.05;
+    v1 += span * 0.05;
     const x = (t) => pad.l + ((t - t0) / (t1 - t0)) * (w - pad.l - pad.r);
     const y = (v) => h - pad.b - ((v - v0) / (v1 - v0)) * (h - pad.t - pad.b);
     // Grid and labels.
