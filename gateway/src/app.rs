@@ -13,6 +13,8 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
+use crate::anomaly::task::Detector;
+use crate::anomaly::traffic::Guard;
 use crate::api::{self, auth::Token, ApiState};
 use crate::auth::Authenticator;
 use crate::bridge;
@@ -128,6 +130,24 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         }
         _ => None,
     };
+    // The detector subscribes before the writer starts, so it sees every committed batch.
+    let (anomaly_tx, anomaly_rx) = tokio::sync::mpsc::channel(config.anomaly.queue);
+    let (burst_tx, burst_rx) = tokio::sync::mpsc::channel(64);
+    let guard = Arc::new(Guard::new(config.anomaly.guard_policy(), burst_tx));
+    let detector = if config.anomaly.enabled {
+        let detector = Detector::new(
+            config.anomaly.clone(),
+            store.pool().clone(),
+            anomaly_tx,
+            metrics.clone(),
+        )
+        .await
+        .context("starting the anomaly detector")?;
+        Some((detector, hub.subscribe()))
+    } else {
+        drop(anomaly_tx);
+        None
+    };
     let (writer, writer_task) = writer::spawn(
         writer_conn,
         config.store.queue_frames,
@@ -136,6 +156,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         config.store.retention,
         metrics.clone(),
         hub.clone(),
+        anomaly_rx,
     );
     if config.auth.mode == AuthMode::None {
         tracing::warn!("auth.mode = none: every device is accepted without checking its token");
@@ -160,6 +181,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         hub: hub.clone(),
         hellos,
         pace: pace.clone(),
+        guard,
     });
     // Background parts stop on their own token, after the links have drained.
     let background = CancellationToken::new();
@@ -171,6 +193,10 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         config.mqtt.enabled,
     ));
     let sampler = tokio::spawn(stats.clone().run(background.clone()));
+    let detector = match detector {
+        Some((detector, live)) => tokio::spawn(detector.run(live, burst_rx, background.clone())),
+        None => tokio::spawn(async move { drop(burst_rx) }),
+    };
     let deadlines = tokio::spawn(desk.clone().run_deadlines(background.clone()));
     let revocations = tokio::spawn(admin::watch_revocations(
         store.pool().clone(),
@@ -291,7 +317,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
     background.cancel();
-    for task in [sampler, deadlines, revocations] {
+    for task in [sampler, deadlines, revocations, detector] {
         let _ = task.await;
     }
     let _ = timeout(Duration::from_secs(2), hello_recorder).await;

@@ -51,6 +51,8 @@ pub struct Config {
     pub serial: Vec<SerialPortConfig>,
     /// The operator API, metrics and live feed.
     pub http: crate::api::config::HttpConfig,
+    /// Streaming anomaly detection.
+    pub anomaly: crate::anomaly::config::AnomalyConfig,
 }
 
 /// Parity of a serial line.
@@ -382,6 +384,12 @@ pub struct TopicsConfig {
     /// Retained gateway status, `online`/`offline` (the Last Will). Default
     /// `gateway/{gateway_id}/status`.
     pub gateway_status: String,
+    /// Anomalies the detector raised about a device. Default
+    /// `gateway/{gateway_id}/devices/{device_id}/anomalies`.
+    pub anomalies: String,
+    /// Anomalies about no device (a source address guessing tokens). Default
+    /// `gateway/{gateway_id}/anomalies`.
+    pub gateway_anomalies: String,
 }
 
 impl Default for TopicsConfig {
@@ -394,6 +402,8 @@ impl Default for TopicsConfig {
             commands: device("commands"),
             command_results: device("commands/results"),
             gateway_status: "gateway/{gateway_id}/status".into(),
+            anomalies: device("anomalies"),
+            gateway_anomalies: "gateway/{gateway_id}/anomalies".into(),
         }
     }
 }
@@ -579,11 +589,14 @@ impl MqttConfig {
             ("mqtt.topics.status", &t.status),
             ("mqtt.topics.commands", &t.commands),
             ("mqtt.topics.command_results", &t.command_results),
+            ("mqtt.topics.anomalies", &t.anomalies),
         ] {
             check_template(template, true).map_err(|reason| invalid(field, reason))?;
         }
         check_template(&t.gateway_status, false)
             .map_err(|reason| invalid("mqtt.topics.gateway_status", reason))?;
+        check_template(&t.gateway_anomalies, false)
+            .map_err(|reason| invalid("mqtt.topics.gateway_anomalies", reason))?;
         Ok(())
     }
 }
@@ -692,6 +705,7 @@ impl Config {
             }
         }
         self.http.validate()?;
+        self.anomaly.validate()?;
         self.mqtt.validate()
     }
 

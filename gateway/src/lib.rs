@@ -5,6 +5,7 @@
 //! signal handlers.
 
 pub mod admin;
+pub mod anomaly;
 pub mod api;
 pub mod app;
 pub mod auth;

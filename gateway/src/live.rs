@@ -1,5 +1,5 @@
 //! The live hub: what the store has **committed**, device status changes and command
-//! outcomes, fanned out to whoever watches (the WebSocket feed today, the detector next).
+//! outcomes, fanned out to whoever watches (the WebSocket feed and the anomaly detector).
 //!
 //! A `tokio::sync::broadcast` channel of bounded capacity. The writer sends one message per
 //! committed batch (an `Arc` of the frames it stored, moved, not copied) and only while
@@ -155,6 +155,8 @@ pub enum LiveEvent {
     Status(Arc<StatusChange>),
     /// The gateway closed a command.
     Outcome(Arc<Outcome>),
+    /// The detector raised or ended an anomaly (committed to the store).
+    Anomaly(Arc<payload::Anomaly>),
 }
 
 /// The sending side; cheap to clone.

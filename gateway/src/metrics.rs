@@ -99,6 +99,23 @@ pub struct Metrics {
     pub live_lagged: Counter,
     /// HTTP requests refused for a missing or wrong token.
     pub http_unauthorized: Counter,
+    /// Anomalies raised, by kind.
+    anomalies: [Counter; 6],
+    /// Anomaly findings dropped (the writer's anomaly queue was full, or storing failed).
+    pub anomalies_dropped: Counter,
+    /// Committed batches the detector skipped because it fell behind.
+    pub anomaly_skipped_batches: Counter,
+    /// Readings the detector judged.
+    pub anomaly_readings: Counter,
+    /// Readings the detector did not judge: late (older than their series' newest), NaN, or
+    /// past `anomaly.max_series`.
+    pub anomaly_readings_skipped: Counter,
+    /// Series the detector tracks.
+    pub anomaly_series: Gauge,
+    /// Time the detector spent judging (its share of a core is the rate of this).
+    pub anomaly_busy_seconds: Counter<f64, AtomicU64>,
+    /// Links refused at connect because their address had a burst of failures.
+    pub security_refused: Counter,
     /// WARN lines for link closes, by `ErrorCode`.
     link_error_log: [Throttle; ERROR_CODES],
     /// WARN lines for failed TLS handshakes.
@@ -363,6 +380,49 @@ impl Metrics {
                 "http_unauthorized",
                 "HTTP requests refused for a missing or wrong token",
             ),
+            anomalies: labelled(
+                r,
+                "anomalies",
+                "Anomalies the detector raised, by kind",
+                "kind",
+                crate::anomaly::Kind::ALL.map(crate::anomaly::Kind::name),
+            ),
+            anomalies_dropped: counter(
+                r,
+                "anomalies_dropped",
+                "Anomalies dropped because the store's anomaly queue was full",
+            ),
+            anomaly_skipped_batches: counter(
+                r,
+                "anomaly_skipped_batches",
+                "Committed batches the anomaly detector skipped because it fell behind",
+            ),
+            anomaly_readings: counter(
+                r,
+                "anomaly_readings",
+                "Readings the anomaly detector judged",
+            ),
+            anomaly_readings_skipped: counter(
+                r,
+                "anomaly_readings_skipped",
+                "Readings the detector did not judge (late, NaN, or past max_series)",
+            ),
+            anomaly_series: gauge(r, "anomaly_series", "Series the detector tracks", None),
+            anomaly_busy_seconds: {
+                let c = Counter::<f64, AtomicU64>::default();
+                r.register_with_unit(
+                    "anomaly_busy",
+                    "Time the anomaly detector spent judging",
+                    Unit::Seconds,
+                    c.clone(),
+                );
+                c
+            },
+            security_refused: counter(
+                r,
+                "security_refused",
+                "Links refused at connect after a burst of failures from their address",
+            ),
             link_error_log: Default::default(),
             tls_failure_log: Throttle::default(),
             registry: std::mem::take(r),
@@ -375,6 +435,16 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Records an anomaly raised, of `kind`.
+    pub fn record_anomaly(&self, kind: crate::anomaly::Kind) {
+        self.anomalies[kind as usize].inc();
+    }
+
+    /// Anomalies raised of `kind`.
+    pub fn anomalies(&self, kind: crate::anomaly::Kind) -> u64 {
+        self.anomalies[kind as usize].get()
     }
 
     /// Records a link that started a session, of kind `link` (`tcp`, `tls`, `serial`).

@@ -1,5 +1,5 @@
 //! The JSON shapes of everything the gateway shows about device data: telemetry frames,
-//! events, command outcomes and device status. One home for them, used by the store (command
+//! events, command outcomes, device status and anomalies. One home for them, used by the store (command
 //! outcomes queued in the outbox), the MQTT bridge, the HTTP API and the live WebSocket feed,
 //! so a consumer sees the same object wherever it reads it. Pure functions over protocol
 //! types; the README documents every shape here.
@@ -59,6 +59,46 @@ struct StatusJson<'a> {
     link: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     firmware_version: Option<&'a str>,
+}
+
+/// One anomaly the detector decided, as the store keeps it and every consumer sees it
+/// (MQTT, `GET /api/v1/anomalies`, the live feed's `anomaly` messages).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Anomaly {
+    /// The detector's id for it (an ongoing anomaly keeps its id when it ends).
+    pub id: i64,
+    /// The device; `None` for a `security` anomaly about an address that named none.
+    pub device_id: Option<String>,
+    /// The sensor; `None` for device-level kinds (dropout, traffic, security).
+    pub sensor: Option<String>,
+    /// spike, drift, stuck, dropout, traffic or security.
+    pub kind: String,
+    /// Which detector decided.
+    pub detector: String,
+    /// 0..1: 0.5 at the detector's threshold, towards 1 far beyond.
+    pub score: f64,
+    /// Timestamp of the first anomalous reading.
+    pub ts_ms: i64,
+    /// Timestamp of the last (moves when an ongoing anomaly ends).
+    pub to_ms: i64,
+    /// Timestamp of the reading at which the detector decided.
+    pub raised_ts_ms: i64,
+    /// The reading's value, where one applies.
+    pub value: Option<f64>,
+    /// A sentence for people.
+    pub detail: String,
+    /// The gateway's clock when it decided, Unix ms.
+    pub detected_ms: i64,
+    /// The source address, for `security`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// Still under way: the same id comes again with `ongoing: false` when it ends.
+    pub ongoing: bool,
+}
+
+/// An anomaly, as published on its topic.
+pub fn anomaly_json(a: &Anomaly) -> Vec<u8> {
+    to_json(a)
 }
 
 /// A reading's or event's timestamp: the device's, or the receive time where it sent 0.

@@ -96,7 +96,7 @@ fn closes(event: &LiveEvent, device: &str, id: &str) -> bool {
         LiveEvent::Frames(batch) => batch.frames.iter().any(|f| {
             &*f.device == device && matches!(&f.body, FrameBody::CommandResult(r) if r.id == id)
         }),
-        LiveEvent::Status(_) => false,
+        LiveEvent::Status(_) | LiveEvent::Anomaly(_) => false,
     }
 }
 

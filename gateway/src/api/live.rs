@@ -1,6 +1,6 @@
 //! `GET /api/v1/live`: the live WebSocket feed of what the store has committed, device
 //! status changes and command outcomes, as JSON text messages in the MQTT payloads' shapes
-//! with a `type` member (`telemetry`, `event`, `status`, `command`).
+//! with a `type` member (`telemetry`, `event`, `status`, `command`, `anomaly`).
 //!
 //! A client may send a subscribe message at any time,
 //! `{"devices": [...], "sensors": [...], "kinds": [...]}` (each optional; missing means
@@ -42,7 +42,7 @@ pub struct Subscribe {
     pub devices: Option<Vec<String>>,
     /// Only readings of these sensors (telemetry frames without any are left out).
     pub sensors: Option<Vec<String>>,
-    /// Only these kinds: `telemetry`, `event`, `status`, `command`.
+    /// Only these kinds: `telemetry`, `event`, `status`, `command`, `anomaly`.
     pub kinds: Option<Vec<String>>,
     /// Receive the frames of each commit as one message,
     /// `{"type":"batch","messages":[...]}`, instead of one message each: far cheaper for
@@ -51,7 +51,7 @@ pub struct Subscribe {
     pub batch: bool,
 }
 
-const KINDS: [&str; 4] = ["telemetry", "event", "status", "command"];
+const KINDS: [&str; 5] = ["telemetry", "event", "status", "command", "anomaly"];
 
 /// A subscription, ready to match.
 #[derive(Debug, Default)]
@@ -307,6 +307,13 @@ async fn queue(
                     o.ts_ms,
                 );
                 socket.feed(text(payload::typed("command", &json))).await?;
+                n += 1;
+            }
+        }
+        LiveEvent::Anomaly(a) => {
+            if filter.wants(a.device_id.as_deref().unwrap_or(""), "anomaly") {
+                let json = payload::anomaly_json(a);
+                socket.feed(text(payload::typed("anomaly", &json))).await?;
                 n += 1;
             }
         }

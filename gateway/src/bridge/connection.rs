@@ -388,6 +388,7 @@ async fn publish(
                 Kind::Telemetry => ctx.topics.telemetry(&row.device_id),
                 Kind::Event => ctx.topics.events(&row.device_id),
                 Kind::CommandResult => ctx.topics.command_results(&row.device_id),
+                Kind::Anomaly => ctx.topics.anomalies(&row.device_id),
             };
             match payload::render(row, ctx.config.payload) {
                 Ok(body) => send(&p.client, &p.tracker, Some(row.id), topic, false, body).await?,

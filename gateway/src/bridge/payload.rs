@@ -16,7 +16,8 @@ pub fn render(row: &OutboxRow, format: PayloadFormat) -> Result<Vec<u8>, prost::
     let seq = u64_from_sql(row.seq);
     let device = row.device_id.as_str();
     match (row.kind, format) {
-        (Kind::CommandResult, _) => Ok(row.body.clone()),
+        // Both are stored as their JSON; `gateway.v1.Uplink` has no body for them.
+        (Kind::CommandResult | Kind::Anomaly, _) => Ok(row.body.clone()),
         (Kind::Telemetry, PayloadFormat::Json) => {
             let t = Telemetry::decode(row.body.as_slice())?;
             Ok(payload::telemetry_json(

@@ -12,6 +12,8 @@ pub struct Topics {
     commands: String,
     command_results: String,
     gateway_status: String,
+    anomalies: String,
+    gateway_anomalies: String,
     /// Whether the commands template is scoped by `{gateway_id}`, so one wildcard
     /// subscription covers exactly this gateway's devices.
     commands_scoped: bool,
@@ -28,6 +30,8 @@ impl Topics {
             commands: fill(&templates.commands),
             command_results: fill(&templates.command_results),
             gateway_status: fill(&templates.gateway_status),
+            anomalies: fill(&templates.anomalies),
+            gateway_anomalies: fill(&templates.gateway_anomalies),
             commands_scoped: templates.commands.contains("{gateway_id}"),
         }
     }
@@ -54,6 +58,16 @@ impl Topics {
     /// Where a device's command outcomes go.
     pub fn command_results(&self, device_id: &str) -> String {
         Self::device(&self.command_results, device_id)
+    }
+
+    /// Where a device's anomalies go; those about no device (an address guessing tokens) go
+    /// to the gateway's anomalies topic.
+    pub fn anomalies(&self, device_id: &str) -> String {
+        if device_id.is_empty() {
+            self.gateway_anomalies.clone()
+        } else {
+            Self::device(&self.anomalies, device_id)
+        }
     }
 
     /// The gateway's own retained status (and Last Will).

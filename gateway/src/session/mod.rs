@@ -76,4 +76,6 @@ pub struct Shared {
     /// The report interval devices are asked to keep, in ms (0: no limit); see
     /// [`crate::app`]'s pacer. Each session sends a `ConfigUpdate` when it changes.
     pub pace: tokio::sync::watch::Receiver<u32>,
+    /// Failed links per source address; refuses an address after a burst.
+    pub guard: Arc<crate::anomaly::traffic::Guard>,
 }

@@ -114,6 +114,7 @@ async fn run_in<L>(
     let mut session = Session {
         shared: &shared,
         kind: kind.as_str(),
+        claimed: None,
         peer,
         // A serial port is dedicated to its device, which may boot long after the port
         // opens: only TCP links must say Hello in time.
@@ -129,7 +130,35 @@ async fn run_in<L>(
         last_acked: 0,
         in_flight: VecDeque::new(),
     };
-    let closed = session.serve(&mut link, &shutdown, &span).await;
+    let addr = session
+        .peer
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip());
+    let refused = addr.and_then(|a| shared.guard.refused(a, now_ms()));
+    let closed = match refused {
+        Some(left) => {
+            shared.metrics.security_refused.inc();
+            Closed::with(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "too many failed links from this address; refused for another {}",
+                    humantime::format_duration(Duration::from_secs(left.as_secs().max(1)))
+                ),
+            )
+        }
+        None => session.serve(&mut link, &shutdown, &span).await,
+    };
+    if let (Some(addr), Some(code)) = (addr, closed.code) {
+        if counts_against_source(code) {
+            shared.guard.failure(
+                addr,
+                code.as_str_name(),
+                session.claimed.as_deref(),
+                now_ms(),
+            );
+        }
+    }
     if let Some(code) = closed.code {
         shared.metrics.record_link_error(code);
         let err = message(gateway_message::Body::Error(proto::v1::Error {
@@ -159,8 +188,25 @@ async fn run_in<L>(
     let _ = timeout(Duration::from_secs(1), link.close()).await;
 }
 
+/// Whether a link closed with `code` counts as a failure of its source address (bad
+/// credentials or bad bytes; not timeouts of a live device, not the gateway's own doing).
+fn counts_against_source(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::AuthFailed
+            | ErrorCode::BadFraming
+            | ErrorCode::FrameTooLarge
+            | ErrorCode::MalformedMessage
+            | ErrorCode::HelloRequired
+            | ErrorCode::HelloTimeout
+            | ErrorCode::DeviceRevoked
+    )
+}
+
 struct Session<'a> {
     shared: &'a Shared,
+    /// The device id the link's Hello claimed (before authentication).
+    claimed: Option<Arc<str>>,
     /// Link kind, for device status.
     kind: &'static str,
     /// Peer address or serial port, for the device list.
@@ -257,6 +303,7 @@ impl Session<'_> {
         self.in_flight.clear();
         let device: Arc<str> = Arc::from(hello.device_id.as_str());
         span.record("device", &*device);
+        self.claimed = Some(device.clone());
         match self.shared.auth.check(&device, &hello.token).await {
             Ok(()) => {}
             Err(AuthError::Failed) => {

@@ -236,6 +236,57 @@ impl Batcher {
         })
     }
 
+    /// Writes anomalies the detector raised or ended (an ongoing one is written again with
+    /// its end), and queues each for the MQTT bridge, in one transaction; returns the bytes
+    /// added to the outbox.
+    pub fn record_anomalies(&mut self, rows: &[Arc<payload::Anomaly>]) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut bytes = 0;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO anomaly_log (id, device_id, sensor, kind, detector, score, ts_ms, to_ms,
+                     raised_ts_ms, value, detail, detected_ms, peer, ongoing)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (id) DO UPDATE SET to_ms = excluded.to_ms, ongoing = excluded.ongoing",
+            )?;
+            let mut outbox = tx.prepare_cached(
+                "INSERT INTO outbox (kind, device_id, epoch, seq, received_ms, body) VALUES (?1, ?2, 0, ?3, ?4, ?5)",
+            )?;
+            for a in rows {
+                insert.execute(params![
+                    a.id,
+                    a.device_id,
+                    a.sensor,
+                    a.kind,
+                    a.detector,
+                    a.score,
+                    a.ts_ms,
+                    a.to_ms,
+                    a.raised_ts_ms,
+                    a.value,
+                    a.detail,
+                    a.detected_ms,
+                    a.peer,
+                    a.ongoing
+                ])?;
+                if self.uplink {
+                    let device = a.device_id.as_deref().unwrap_or("");
+                    let body = payload::anomaly_json(a);
+                    outbox.execute(params![
+                        Kind::Anomaly as i64,
+                        device,
+                        a.id,
+                        a.detected_ms,
+                        body
+                    ])?;
+                    bytes += row_cost(device, body.len());
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(bytes)
+    }
+
     /// Deletes the oldest `n` outbox rows (the `drop-oldest` policy); returns (rows, cost).
     pub fn drop_oldest(&mut self, n: i64) -> Result<(u64, u64), StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!(

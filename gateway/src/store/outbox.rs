@@ -25,6 +25,8 @@ pub enum Kind {
     Event = 2,
     /// A command outcome (JSON body).
     CommandResult = 3,
+    /// An anomaly the detector raised or ended (JSON body; `seq` is its id).
+    Anomaly = 4,
 }
 
 impl Kind {
@@ -33,6 +35,7 @@ impl Kind {
             1 => Some(Self::Telemetry),
             2 => Some(Self::Event),
             3 => Some(Self::CommandResult),
+            4 => Some(Self::Anomaly),
             _ => None,
         }
     }

@@ -105,9 +105,16 @@ impl QueueProbe {
 #[error("the store writer has stopped")]
 pub struct WriterStopped;
 
+/// Where the anomaly detector sends what it decided. Full-policy: **drop and count**
+/// (`gateway_anomalies_dropped_total`): findings are derived data, and the detector must
+/// never wait for the writer.
+pub type AnomalySender = mpsc::Sender<Arc<crate::payload::Anomaly>>;
+
 /// Starts the writer on `conn`, on a blocking thread of its own (its SQLite calls are
 /// synchronous). With `backlog`, frames are also queued in the outbox for the MQTT bridge. It
 /// runs until every [`WriterHandle`] is dropped, then commits what is queued and returns.
+/// Anomalies from `anomalies` are written between batches, in their own small transaction.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     conn: rusqlite::Connection,
     queue_frames: usize,
@@ -116,9 +123,12 @@ pub fn spawn(
     retention: Option<Duration>,
     metrics: Arc<Metrics>,
     hub: Hub,
+    anomalies: mpsc::Receiver<Arc<crate::payload::Anomaly>>,
 ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_frames);
     let writer = Writer {
+        anomalies,
+        anomalies_open: true,
         batcher: Batcher::new(conn, backlog.is_some()),
         backlog,
         metrics,
@@ -135,6 +145,10 @@ pub fn spawn(
 
 struct Writer {
     batcher: Batcher,
+    /// Findings of the detector, written between batches.
+    anomalies: mpsc::Receiver<Arc<crate::payload::Anomaly>>,
+    /// Whether the detector may still send (false once it has stopped).
+    anomalies_open: bool,
     backlog: Option<Arc<Backlog>>,
     metrics: Arc<Metrics>,
     /// Whether `drop-oldest` is dropping now (to log the start and end once).
@@ -168,9 +182,17 @@ impl Writer {
                     prune_at = tokio::time::Instant::now() + self.prune_step(retention);
                 }
             }
+            self.record_anomalies();
             let received = tokio::select! {
                 n = rx.recv_many(&mut batch, batch_max_frames) => n,
                 _ = tokio::time::sleep_until(prune_at), if self.retention.is_some() => continue,
+                a = self.anomalies.recv(), if self.anomalies_open => {
+                    match a {
+                        Some(a) => self.record(vec![a]),
+                        None => self.anomalies_open = false,
+                    }
+                    continue;
+                }
             };
             if received == 0 {
                 break;
@@ -213,6 +235,37 @@ impl Writer {
             batch.clear();
         }
         tracing::debug!("store writer drained and stopped");
+    }
+
+    /// Writes the anomalies waiting (never more than a bounded slice per turn).
+    fn record_anomalies(&mut self) {
+        let mut rows = Vec::new();
+        while rows.len() < 1024 {
+            match self.anomalies.try_recv() {
+                Ok(a) => rows.push(a),
+                Err(_) => break,
+            }
+        }
+        if !rows.is_empty() {
+            self.record(rows);
+        }
+    }
+
+    fn record(&mut self, rows: Vec<Arc<crate::payload::Anomaly>>) {
+        match self.batcher.record_anomalies(&rows) {
+            Ok(bytes) => {
+                if let Some(backlog) = &self.backlog {
+                    backlog.added(bytes);
+                }
+                for a in rows {
+                    self.hub.publish(LiveEvent::Anomaly(a));
+                }
+            }
+            Err(e) => {
+                self.metrics.anomalies_dropped.inc_by(rows.len() as u64);
+                tracing::error!(error = %e, anomalies = rows.len(), "storing anomalies failed; they are dropped");
+            }
+        }
     }
 
     /// After a commit: counts command outcomes and hands the stored frames to the live hub
