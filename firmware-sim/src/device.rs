@@ -66,6 +66,9 @@ pub struct DeviceSpec {
     pub jitter: f64,
     /// Readings per sensor per frame (scenario profiles), spread over the report period.
     pub samples: usize,
+    /// Seeded devices: device-clock time per wall-clock time (1: real time; 60: a minute of
+    /// readings each second).
+    pub time_scale: f64,
     /// Faults it commits, by time from the start of the run.
     pub schedule: Vec<(Duration, Action)>,
     /// Anomalies in its sensor values, on its own clock.
@@ -490,8 +493,12 @@ impl Device {
         } else {
             1
         };
-        // Seeded devices keep a virtual clock (one period per frame from a fixed start), so
-        // their bytes do not depend on when they run.
+        // Seeded devices keep a virtual clock (one period per frame from a fixed start, times
+        // `time_scale`), so their bytes do not depend on when they run.
+        let period_ms = match self.spec.seed {
+            Some(_) => ((period_ms as f64 * self.spec.time_scale).round() as u64).max(1),
+            None => period_ms,
+        };
         let clock = match self.spec.seed {
             Some(_) => VIRTUAL_START_MS + self.tick * period_ms,
             None => now_ms(),
@@ -512,7 +519,7 @@ impl Device {
                 for (sensor, walk) in sensors.iter().zip(self.walk.iter_mut()) {
                     readings.push(Reading {
                         sensor: sensor.name.clone(),
-                        value: sensor.waveform.value(t, walk, &mut self.rng),
+                        value: sensor.value(t, walk, &mut self.rng),
                         timestamp_ms: ts.saturating_sub(back_ms),
                     });
                 }
@@ -927,6 +934,7 @@ mod tests {
             sensors: None,
             jitter: 0.0,
             samples: 1,
+            time_scale: 1.0,
             schedule: Vec::new(),
             anomalies: Vec::new(),
             recorder: None,

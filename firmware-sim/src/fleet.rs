@@ -56,6 +56,8 @@ pub struct FleetConfig {
     pub jitter: f64,
     /// Readings per sensor per frame (with `sensors`).
     pub samples: usize,
+    /// Seeded devices: device-clock time per wall-clock time (see `DeviceSpec`).
+    pub time_scale: f64,
     /// Faults and anomalies, with the devices they picked.
     pub timeline: Option<Arc<crate::timeline::ProfileTimeline>>,
     /// Time zero of the run (fault times count from it); default: when the fleet starts.
@@ -89,6 +91,7 @@ impl Default for FleetConfig {
             sensors: None,
             jitter: 0.0,
             samples: 1,
+            time_scale: 1.0,
             timeline: None,
             origin: None,
             recorder: None,
@@ -166,6 +169,7 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
             sensors: config.sensors.clone(),
             jitter: config.jitter,
             samples: config.samples,
+            time_scale: config.time_scale,
             schedule,
             anomalies,
             recorder: config.recorder.clone(),

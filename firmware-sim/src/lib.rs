@@ -11,6 +11,7 @@ pub mod gate;
 pub mod record;
 pub mod report;
 pub mod scenario;
+pub mod score;
 pub mod serial;
 pub mod timeline;
 pub mod tls;

@@ -31,6 +31,25 @@ enum Command {
     Replay(ReplayArgs),
     /// Sit between real devices and a gateway and record what the devices send.
     Proxy(ProxyArgs),
+    /// Score the gateway's anomaly detection against the labels of `scenario --labels`.
+    Score(ScoreArgs),
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// The labels (JSON lines, from `scenario --labels`).
+    #[arg(long)]
+    labels: std::path::PathBuf,
+    /// The gateway's SQLite store (read-only).
+    #[arg(long)]
+    db: std::path::PathBuf,
+    /// How long after a label's end a decision still finds it, e.g. 30s (default: five of
+    /// the device's usual reading intervals).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tolerance: Option<std::time::Duration>,
+    /// Print the score as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 /// After-run checks and outputs shared by `run` and `scenario`.
@@ -288,7 +307,34 @@ fn main() -> ExitCode {
         Command::Scenario(args) => scenario(args, &runtime),
         Command::Replay(args) => replay(args, &runtime),
         Command::Proxy(args) => proxy(args, &runtime),
+        Command::Score(args) => score(args),
     }
+}
+
+fn score(args: ScoreArgs) -> ExitCode {
+    use firmware_sim::score;
+    let labels = match score::read_labels(&args.labels) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("firmware-sim: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let view = match score::read_store(&args.db) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("firmware-sim: reading {}: {e}", args.db.display());
+            return ExitCode::from(2);
+        }
+    };
+    let tolerance = args.tolerance.map_or(0, |t| t.as_millis() as i64);
+    let s = score::score(&labels, &view, tolerance);
+    if args.json {
+        println!("{}", serde_json::to_string(&s).unwrap_or_default());
+    } else {
+        print!("{}", s.table());
+    }
+    ExitCode::SUCCESS
 }
 
 fn run(args: RunArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rand::Rng;
+use rand_distr::Distribution;
 use serde::Deserialize;
 
 use crate::gate::Gate;
@@ -108,7 +109,8 @@ impl Waveform {
     }
 }
 
-/// One sensor of a profile.
+/// One sensor of a profile: a waveform, plus a trend, noise and quantisation as real
+/// sensors have them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SensorSpec {
@@ -116,6 +118,41 @@ pub struct SensorSpec {
     pub name: String,
     /// How it moves.
     pub waveform: Waveform,
+    /// Gaussian noise added to each reading (standard deviation). Default 0.
+    #[serde(default)]
+    pub noise: f64,
+    /// A slow trend added, in units per hour of the device's clock. Default 0.
+    #[serde(default)]
+    pub trend_per_hour: f64,
+    /// Readings are rounded to a multiple of this (an ADC step, a display resolution).
+    /// Default: not rounded.
+    pub quantum: Option<f64>,
+}
+
+impl SensorSpec {
+    /// A sensor of `waveform` alone.
+    pub fn plain(name: &str, waveform: Waveform) -> Self {
+        Self {
+            name: name.into(),
+            waveform,
+            noise: 0.0,
+            trend_per_hour: 0.0,
+            quantum: None,
+        }
+    }
+
+    /// The reading `t` seconds after the device started; `walk` is its random-walk state.
+    pub fn value(&self, t: f64, walk: &mut f64, rng: &mut impl Rng) -> f64 {
+        let mut v = self.waveform.value(t, walk, rng) + self.trend_per_hour * t / 3600.0;
+        if self.noise > 0.0 {
+            let n: f64 = rand_distr::StandardNormal.sample(rng);
+            v += self.noise * n;
+        }
+        match self.quantum {
+            Some(q) if q > 0.0 => (v / q).round() * q,
+            _ => v,
+        }
+    }
 }
 
 /// How a profile's devices reach the gateway.
@@ -159,12 +196,21 @@ pub struct Profile {
     pub samples: usize,
     /// Frames per second per device.
     pub rate: f64,
+    /// Device-clock time per wall-clock time, for seeded runs: 60 plays a minute of the
+    /// device's life each second (its timestamps, waveforms and anomaly times move 60 times
+    /// faster), so a day of minute samples fits in a short test. Default 1.
+    #[serde(default = "one")]
+    pub time_scale: f64,
     /// Share of the period by which each interval varies (0 to 1). Default 0.
     #[serde(default)]
     pub jitter: f64,
     /// Its sensors (one reading each per frame).
     #[serde(rename = "sensor")]
     pub sensors: Vec<SensorSpec>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn default_baud() -> u32 {
@@ -265,6 +311,12 @@ impl Scenario {
             anyhow::ensure!(
                 p.rate > 0.0 && p.rate.is_finite(),
                 "{}: profile {:?}: rate must be above 0",
+                path.display(),
+                p.name
+            );
+            anyhow::ensure!(
+                p.time_scale > 0.0 && p.time_scale.is_finite(),
+                "{}: profile {:?}: time_scale must be above 0",
                 path.display(),
                 p.name
             );
@@ -518,6 +570,7 @@ pub async fn run_scenario(
                 rate: p.rate,
                 readings: p.sensors.len() * p.samples,
                 samples: p.samples,
+                time_scale: p.time_scale,
                 duration: scenario.duration,
                 drain: scenario.drain,
                 prefix: format!("{}-", p.name),

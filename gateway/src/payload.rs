@@ -63,7 +63,7 @@ struct StatusJson<'a> {
 
 /// One anomaly the detector decided, as the store keeps it and every consumer sees it
 /// (MQTT, `GET /api/v1/anomalies`, the live feed's `anomaly` messages).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Anomaly {
     /// The detector's id for it (an ongoing anomaly keeps its id when it ends).
     pub id: i64,

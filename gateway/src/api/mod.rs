@@ -1,5 +1,5 @@
 //! The operator API, served by the gateway process itself (axum on the same runtime):
-//! JSON over HTTP for devices, readings, events, commands and stats; Prometheus `/metrics`;
+//! JSON over HTTP for devices, readings, events, anomalies, commands and stats; Prometheus `/metrics`;
 //! `/healthz`; the live WebSocket feed; and the OpenAPI document of all of it.
 //!
 //! Handlers are thin: parse and validate, call one function of the domain (the store's read
@@ -9,10 +9,11 @@
 //!
 //! - `config`: `[http]`.
 //! - `auth`: the bearer token; `error`: the JSON error shape; `params`: query parsing.
-//! - `devices`, `data`, `commands`, `system`, `live`: the routes.
+//! - `devices`, `data`, `anomalies`, `commands`, `system`, `live`: the routes.
 //! - `openapi`: the document at `/api/v1/openapi.json`; `tls`: HTTPS.
 //! - `dashboard`: the web page at `/`.
 
+pub mod anomalies;
 pub mod auth;
 pub mod commands;
 pub mod config;
@@ -89,6 +90,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/devices/{id}/commands", post(commands::send))
         .route("/api/v1/commands/{id}", get(commands::get))
         .route("/api/v1/events", get(data::events))
+        .route("/api/v1/anomalies", get(anomalies::list))
         .route("/api/v1/stats", get(system::stats))
         .route("/api/v1/live", get(live::upgrade))
         .route("/api/v1/openapi.json", get(openapi::document))

@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{commands, data, devices, live, system};
+use super::{anomalies, commands, data, devices, live, system};
 
 /// The API's document.
 #[derive(OpenApi)]
@@ -13,7 +13,7 @@ use super::{commands, data, devices, live, system};
     info(title = "Edge IoT gateway API", description = "Devices, stored readings and events, commands, stats, metrics and the live feed of one gateway. Every /api/ route needs `Authorization: Bearer TOKEN`."),
     paths(
         devices::list, devices::one, devices::provision, devices::revoke,
-        data::readings, data::device_events, data::events,
+        data::readings, data::device_events, data::events, anomalies::list,
         commands::send, commands::get,
         system::healthz, system::metrics, system::stats,
         live::upgrade,
@@ -22,7 +22,7 @@ use super::{commands, data, devices, live, system};
     modifiers(&Bearer),
     tags(
         (name = "devices", description = "Known devices, provisioning, revocation"),
-        (name = "data", description = "Stored readings and events"),
+        (name = "data", description = "Stored readings, events and anomalies"),
         (name = "commands", description = "Commands to devices (the same path as MQTT)"),
         (name = "live", description = "Committed data as it happens, over WebSocket"),
         (name = "system", description = "Health, metrics and stats"),
@@ -66,6 +66,7 @@ mod tests {
             "/api/v1/devices/{id}/commands",
             "/api/v1/commands/{id}",
             "/api/v1/events",
+            "/api/v1/anomalies",
             "/api/v1/stats",
             "/api/v1/live",
             "/healthz",

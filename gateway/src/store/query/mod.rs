@@ -7,9 +7,11 @@
 //! `limit` rows per series whatever the table holds; events by `(device, ts_ms)` or `(ts_ms)`.
 //! Pages continue from an opaque cursor, the position of the last row returned.
 
+mod anomalies;
 mod events;
 mod readings;
 
+pub use anomalies::*;
 pub use events::*;
 pub use readings::*;
 
