@@ -4,13 +4,14 @@
 //!
 //! The state of one series is a fixed set of numbers ([`Series`] is 232 bytes):
 //!
-//! - two robust one-step views of "normal": the previous accepted value (`prev`, right for
-//!   integrated series such as a random walk or a slow daily cycle) and a fast exponential
-//!   level (`level`, right for noise around a set point), each with an exponentially
-//!   weighted mean absolute deviation as its scale. A reading is **out** when it is far from
-//!   both (`min` of the two z-scores over `spike_z`), so neither a wandering series nor a
-//!   noisy one raises alarms the other view explains. Out readings do not teach the state,
-//!   and every update is winsorised, so outliers during learning do not inflate the scale.
+//! - two robust one-step forecasts: the previous accepted value (`prev`, right for
+//!   integrated series such as a random walk or a densely sampled daily cycle) and a fast
+//!   exponential level (`level`, right for noise around a set point), each with an
+//!   exponentially weighted mean absolute deviation as its scale. A reading is judged by
+//!   the forecast with the smaller usual error, and is **out** when its error is over
+//!   `spike_z` of that scale. Out readings do not teach the state, every update is
+//!   winsorised (outliers during learning do not inflate the scale), and the scales hold
+//!   still while a CUSUM builds up.
 //! - an excursion of at most `spike_max` out readings that comes back is a `spike` (decided
 //!   at the first reading back, so `raised_ts_ms` is one reading late); one that stays out
 //!   longer is a level shift (`drift`, detector `level-shift`), and the state re-anchors on
@@ -198,7 +199,12 @@ impl Series {
 
         let sd = self.dev_diff.max(self.floor(x));
         let sl = self.dev_level.max(self.floor(x));
-        let z = ((x - self.prev).abs() / sd).min((x - self.level).abs() / sl);
+        // Judged by the better forecaster of the two (the smaller usual error).
+        let z = if self.dev_diff <= self.dev_level {
+            (x - self.prev).abs() / sd
+        } else {
+            (x - self.level).abs() / sl
+        };
         if armed && (t.spike || t.drift) && z > t.spike_z {
             if self.exc_len == 0 {
                 self.exc_from = ts;
@@ -318,9 +324,20 @@ impl Series {
         let a = (1.0 / f64::from(self.n)).max(ALPHA);
         let a_slow = (1.0 / f64::from(self.n)).max(ALPHA_SLOW);
         let cap = t.spike_z * 0.5;
-        let u_slope = (d - self.mean_diff) / (sd * MAD_TO_SD);
-        let u_level = (x - self.reference) / (sl * MAD_TO_SD);
-        self.dev_diff += a * ((d.abs()).min(cap * sd) - self.dev_diff);
+        let u_slope = ((d - self.mean_diff) / (sd * MAD_TO_SD)).clamp(-cap, cap);
+        let u_level = ((x - self.reference) / (sl * MAD_TO_SD)).clamp(-cap, cap);
+        // While a CUSUM is building up, the scales hold still: a slow change must not
+        // teach the state that it is normal before it is judged.
+        let building = [
+            self.slope_up,
+            self.slope_down,
+            self.level_up,
+            self.level_down,
+        ]
+        .iter()
+        .any(|c| c.sum > t.drift_h / 4.0);
+        let a = if building { a.min(ALPHA_SLOW) } else { a };
+        self.dev_diff += a * ((d - self.mean_diff).abs().min(cap * sd) - self.dev_diff);
         self.mean_diff += a_slow * (d.clamp(-cap * sd, cap * sd) - self.mean_diff);
         let r = x - self.level;
         self.dev_level += a * (r.abs().min(cap * sl) - self.dev_level);

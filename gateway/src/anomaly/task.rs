@@ -109,7 +109,11 @@ impl Detector {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = live.recv() => match event {
-                    Ok(LiveEvent::Frames(batch)) => self.batch(&batch).await,
+                    Ok(LiveEvent::Frames(batch)) => {
+                        self.batch(&batch).await;
+                        // Data arrived: silences it proves real may be due now.
+                        self.check_deadlines(crate::store::now_ms());
+                    }
                     Ok(LiveEvent::Status(s)) if !s.online => self.disconnected(&s.device),
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -298,7 +302,7 @@ impl Detector {
                 // Only believe the silence if other data arrived since the deadline, or
                 // nothing at all did for a while (then it is not a stalled commit).
                 Some(due) if self.progress_ms < due && now < due + STALL_GRACE_MS => {
-                    let again = (now + 100).min(due + STALL_GRACE_MS);
+                    let again = (now + 20).min(due + STALL_GRACE_MS);
                     self.deadlines.push(Reverse((again, device)));
                 }
                 Some(_) => {
