@@ -203,7 +203,9 @@ async fn every_device_fault_costs_only_its_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anomalies_are_labelled_and_the_same_seed_gives_the_same_store() {
-    let scenario = shipped("anomalies");
+    // The first 15 s of it: about half a day of the boilers' lives (a frame is 5 minutes).
+    let mut scenario = shipped("anomalies");
+    scenario.duration = Duration::from_secs(15);
     let mut stores = Vec::new();
     let mut labels = Vec::new();
     for _ in 0..2 {
@@ -215,19 +217,14 @@ async fn anomalies_are_labelled_and_the_same_seed_gives_the_same_store() {
                 .entry(serde_json::to_value(l.kind).unwrap().to_string())
                 .or_default() += 1;
         }
-        assert_eq!(
-            by_kind,
-            BTreeMap::from([
-                ("\"drift\"".into(), 3),
-                ("\"dropout\"".into(), 2),
-                ("\"spike\"".into(), 5),
-                ("\"stuck\"".into(), 3),
-            ])
-        );
-        // A spike label points at readings that carry it: 40 above a 55..65 sine.
+        for kind in ["\"spike\"", "\"drift\"", "\"stuck\""] {
+            assert!(by_kind.get(kind).is_some_and(|n| *n >= 3), "{by_kind:?}");
+        }
+        // A spike label points at readings that carry it: 8 above a 55..65 daily cycle at
+        // its peak (6 h in).
         let spike = report
             .labels()
-            .find(|l| format!("{:?}", l.kind) == "Spike")
+            .find(|l| format!("{:?}", l.kind) == "Spike" && l.sensor == "temperature")
             .unwrap()
             .clone();
         let mut conn = open_db(&site.db).await;
@@ -239,7 +236,7 @@ async fn anomalies_are_labelled_and_the_same_seed_gives_the_same_store() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-        assert!(value > 90.0, "spiked value {value}");
+        assert!(value > 69.0, "spiked value {value}");
         let rows: Vec<(String, i64, String, f64, i64)> = sqlx::query_as(
             "SELECT device_id, seq, sensor, value, ts_ms FROM telemetry ORDER BY 1, 2, 3, 5",
         )
