@@ -109,16 +109,50 @@ fn a_scenario_run_writes_labels_and_a_recording_that_replays() {
         report["verify_db"]["frames_checked"],
         report["frames_acked"]
     );
-    assert_eq!(report["anomalies"], 13);
+    // The scenario's seed picks the same devices every time.
+    assert_eq!(report["anomalies"], 46);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&labels)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 13);
+    assert_eq!(lines.len(), 46);
     assert!(lines
         .iter()
         .all(|l| l["from_ms"].as_u64() <= l["to_ms"].as_u64()));
+
+    // The gateway's detector against those labels, through `score`.
+    let out = sim(&[
+        "score",
+        "--labels",
+        labels.to_str().unwrap(),
+        "--db",
+        gw.db.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let score: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(score["overall"]["labels"], 46);
+    for kind in ["spike", "drift", "stuck", "dropout"] {
+        let f1 = score["kinds"][kind]["f1"].as_f64().unwrap();
+        assert!(f1 >= 0.9, "{kind}: {score}");
+    }
+    let table = sim(&[
+        "score",
+        "--labels",
+        labels.to_str().unwrap(),
+        "--db",
+        gw.db.to_str().unwrap(),
+    ]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("precision") && table.contains("false positives per device-hour"),
+        "{table}"
+    );
 
     let replica_dir = tempfile::tempdir().unwrap();
     let replica = Gateway::start(replica_dir.path());
@@ -137,8 +171,8 @@ fn a_scenario_run_writes_labels_and_a_recording_that_replays() {
         String::from_utf8_lossy(&out.stderr)
     );
     let replayed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(replayed["connections"], 10);
-    assert_eq!(replayed["hello_acks"], 10);
+    assert_eq!(replayed["connections"], 18);
+    assert_eq!(replayed["hello_acks"], 18);
     assert_eq!(replayed["errors"], serde_json::json!({}));
 }
 
@@ -178,4 +212,23 @@ fn bad_input_gets_a_clear_error_naming_the_problem() {
         err.contains("CA file") && err.contains("bad.toml: no certificates"),
         "{err}"
     );
+
+    // score: a labels file that is not labels, and a store that is not there.
+    let out = sim(&["score", "--labels", bad.to_str().unwrap(), "--db", "x.db"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml line 1"), "{err}");
+    let labels = dir.path().join("labels.jsonl");
+    std::fs::write(&labels, "").unwrap();
+    let missing = dir.path().join("missing.db");
+    let out = sim(&[
+        "score",
+        "--labels",
+        labels.to_str().unwrap(),
+        "--db",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.db"), "{err}");
 }

@@ -133,6 +133,9 @@ struct RunArgs {
     /// Run without the HTTP API (sets http.enabled = false).
     #[arg(long, conflicts_with = "http")]
     no_http: bool,
+    /// Run without anomaly detection (sets anomaly.enabled = false).
+    #[arg(long)]
+    no_anomaly: bool,
 }
 
 #[derive(Subcommand)]
@@ -289,6 +292,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if args.no_http {
         config.http.enabled = false;
+    }
+    if args.no_anomaly {
+        config.anomaly.enabled = false;
     }
     if let Some(token) = args.api_token {
         config.http.token = Some(token);

@@ -70,6 +70,17 @@ async fn every_bench_scenario_produces_figures_and_loses_nothing() {
                 assert!(o.extra["http_polls"].as_u64().unwrap() > 0, "{o:?}");
                 assert_eq!(o.extra["http_poll_errors"], 0, "{o:?}");
             }
+            "anomaly" => {
+                assert!(o.readings_per_s > 0.0, "anomaly: readings flowed");
+                assert!(
+                    o.extra["series"].as_f64().unwrap() > 0.0,
+                    "the detector tracked series: {o:?}"
+                );
+                assert!(
+                    o.extra["detector_cpu_share"].as_f64().unwrap() > 0.0,
+                    "{o:?}"
+                );
+            }
             other => panic!("unexpected scenario {other}"),
         }
     }

@@ -391,6 +391,33 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
     )
     .await;
 
+    // A pump whose pressure spikes: the detector's finding is counted on the overview,
+    // shaded on its chart and listed on its page.
+    let mut pump = RawClient::connect(gw.addr).await;
+    pump.hello("pump-9", 1).await;
+    let values = (0..60).map(|i| f64::from(i % 5)).chain([1000.0, 2.0, 3.0]);
+    for (seq, v) in (1..).zip(values) {
+        pump.send(telemetry(seq, &[("pressure", v)])).await;
+    }
+    eval(&page, "location.hash = '#/device/pump-9'").await;
+    wait_true(
+        &page,
+        "window.dashboard.anomalies.some(a => a.kind === 'spike' && a.sensor === 'pressure')",
+    )
+    .await;
+    wait_true(
+        &page,
+        "document.querySelector('#anomaly-list tbody').textContent.includes('spike')",
+    )
+    .await;
+    screenshot(&page, "device-anomaly").await;
+    eval(&page, "location.hash = '#/'").await;
+    wait_true(
+        &page,
+        "parseInt(document.querySelector('#anomalies').textContent) >= 1",
+    )
+    .await;
+
     let errors = errors.lock().unwrap().clone();
     assert!(errors.is_empty(), "errors in the browser: {errors:#?}");
     assert!(std::fs::metadata(&overview).unwrap().len() > 10_000);

@@ -3,6 +3,7 @@
 //! on the same disk (the SQLite insert ceiling of the gateway's own schema; the broker's own
 //! QoS 1 publish ceiling). Traffic goes only to 127.0.0.1; every run is bounded in time.
 
+pub mod anomaly;
 pub mod api;
 pub mod mqtt;
 pub mod procs;
@@ -28,6 +29,7 @@ pub const SCENARIOS: &[&str] = &[
     "connections",
     "cold-start",
     "api",
+    "anomaly",
 ];
 
 /// Bench settings.
@@ -206,6 +208,7 @@ pub async fn run(
             }
             "connections" => connections(o).await?,
             "api" => api::api(o, &no_mqtt).await?,
+            "anomaly" => anomaly::anomaly(o, &no_mqtt).await?,
             _ => cold_start(o).await?,
         };
         each(&outcome);

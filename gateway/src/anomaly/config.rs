@@ -130,6 +130,11 @@ pub struct SensorOverride {
     pub stuck_min_readings: Option<u32>,
 }
 
+/// A finite number above `min` (NaN and infinities are refused).
+fn above(v: f64, min: f64) -> bool {
+    v.is_finite() && v > min
+}
+
 /// Whether `name` matches `pattern`, where `*` matches any run of characters.
 pub fn matches(pattern: &str, name: &str) -> bool {
     let mut parts = pattern.split('*');
@@ -161,22 +166,22 @@ impl AnomalyConfig {
                 reason: reason.into(),
             })
         };
-        if !(self.spike_threshold > 0.0) {
+        if !above(self.spike_threshold, 0.0) {
             return invalid("anomaly.spike_threshold", "must be above 0");
         }
         if self.spike_max_readings == 0 {
             return invalid("anomaly.spike_max_readings", "must be at least 1");
         }
-        if !(self.drift_threshold > 0.0) {
+        if !above(self.drift_threshold, 0.0) {
             return invalid("anomaly.drift_threshold", "must be above 0");
         }
-        if !(self.stuck_factor >= 1.0) {
+        if !(above(self.stuck_factor, 1.0) || self.stuck_factor == 1.0) {
             return invalid("anomaly.stuck_factor", "must be at least 1");
         }
-        if !(self.dropout_factor > 1.0) {
+        if !above(self.dropout_factor, 1.0) {
             return invalid("anomaly.dropout_factor", "must be above 1");
         }
-        if !(self.traffic_factor == 0.0 || self.traffic_factor > 1.0) {
+        if !(self.traffic_factor == 0.0 || above(self.traffic_factor, 1.0)) {
             return invalid("anomaly.traffic_factor", "must be 0 (off) or above 1");
         }
         if self.traffic_window < Duration::from_secs(1) {
@@ -205,6 +210,15 @@ impl AnomalyConfig {
             }
             if s.pattern.is_empty() {
                 return invalid("anomaly.sensor.pattern", "must not be empty");
+            }
+            if s.spike_threshold.is_some_and(|v| !above(v, 0.0)) {
+                return invalid("anomaly.sensor.spike_threshold", "must be above 0");
+            }
+            if s.drift_threshold.is_some_and(|v| !above(v, 0.0)) {
+                return invalid("anomaly.sensor.drift_threshold", "must be above 0");
+            }
+            if s.stuck_factor.is_some_and(|v| !(above(v, 1.0) || v == 1.0)) {
+                return invalid("anomaly.sensor.stuck_factor", "must be at least 1");
             }
         }
         Ok(())

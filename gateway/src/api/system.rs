@@ -167,6 +167,12 @@ pub struct StatsBody {
     pub connections_total: u64,
     /// Link errors since start, by code.
     pub link_errors: BTreeMap<String, u64>,
+    /// Anomalies the detector raised since start.
+    pub anomalies_total: u64,
+    /// The same by kind (spike, drift, stuck, dropout, traffic, security).
+    pub anomalies_by_kind: BTreeMap<String, u64>,
+    /// Committed batches the detector skipped because it fell behind, since start.
+    pub anomaly_skipped_batches: u64,
     /// Seconds since start.
     pub uptime_s: u64,
     /// When the gateway started, Unix ms.
@@ -216,6 +222,15 @@ pub async fn stats(
             .into_iter()
             .map(|(k, v)| (k.trim_start_matches("ERROR_CODE_").to_owned(), v))
             .collect(),
+        anomalies_total: crate::anomaly::Kind::ALL
+            .iter()
+            .map(|k| m.anomalies(*k))
+            .sum(),
+        anomalies_by_kind: crate::anomaly::Kind::ALL
+            .iter()
+            .map(|k| (k.name().to_owned(), m.anomalies(*k)))
+            .collect(),
+        anomaly_skipped_batches: m.anomaly_skipped_batches.get(),
         uptime_s: uptime_s(&state),
         started_ms: state.stats.started_ms,
         history: history.map(|n| state.stats.history(n as usize)),

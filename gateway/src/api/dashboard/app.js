@@ -26,7 +26,7 @@ const state = {
 };
 
 // What the page shows, for tests and curious operators (read-only use).
-const dashboard = (window.dashboard = { charts: {}, history: {}, historyUrl: null, rows: () => state.rows.map((d) => d.id) });
+const dashboard = (window.dashboard = { charts: {}, history: {}, historyUrl: null, anomalies: [], rows: () => state.rows.map((d) => d.id) });
 
 function setConn(live, text) {
   state.online = live;
@@ -286,8 +286,39 @@ function redrawCharts() {
   for (const [sensor, chart] of charts) {
     const points = dashboard.charts[sensor];
     while (points.length && points[0][0] < now - state.range) points.shift();
+    // A sensor's own anomalies, and the device-level ones (dropout, traffic) on every chart.
+    chart.markers = dashboard.anomalies
+      .filter((a) => a.sensor === sensor || a.sensor === null)
+      .map((a) => ({ from: a.ts_ms, to: a.to_ms, label: a.kind }));
     chart.set([{ points }], [now - state.range, now]);
   }
+}
+
+// Anomalies of the device on view, newest first in the list under the charts.
+function setAnomaly(a) {
+  const i = dashboard.anomalies.findIndex((x) => x.id === a.id);
+  if (i >= 0) dashboard.anomalies[i] = a;
+  else dashboard.anomalies.push(a);
+  const body = $("#anomaly-list tbody");
+  const rows = dashboard.anomalies.slice(-20).reverse().map((x) => {
+    const tr = document.createElement("tr");
+    for (const text of [new Date(x.ts_ms).toLocaleString(), x.kind, x.sensor ?? "(device)", x.score.toFixed(2), x.detail]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    return tr;
+  });
+  body.replaceChildren(...rows);
+}
+
+async function loadAnomalies() {
+  const id = state.route.id;
+  const page = await api(`/api/v1/anomalies?device=${encodeURIComponent(id)}&since=-7d&limit=10000`);
+  if (state.route.id !== id) return;
+  dashboard.anomalies = [];
+  for (const a of page.anomalies) setAnomaly(a);
+  redrawCharts();
 }
 
 function renderFacts(d) {
@@ -460,6 +491,12 @@ function onLive(m) {
     case "event":
       if (state.route.page === "device" && m.device_id === state.route.id) addEvent(m);
       break;
+    case "anomaly":
+      if (state.route.page === "device" && m.device_id === state.route.id) {
+        setAnomaly(m);
+        redrawCharts();
+      }
+      break;
     case "status": {
       const d = state.devices.get(m.device_id);
       if (d) {
@@ -491,7 +528,7 @@ function offline(err) {
 
 async function refresh() {
   if (state.route.page === "device") {
-    await Promise.all([loadDevice(), loadHistory(), loadEvents()]);
+    await Promise.all([loadDevice(), loadHistory(), loadEvents(), loadAnomalies()]);
   } else {
     await Promise.all([pollStats(), pollDevices()]);
   }
@@ -508,6 +545,7 @@ function route() {
     charts.clear();
     dashboard.charts = {};
     dashboard.history = {};
+    dashboard.anomalies = [];
     dashboard.historyUrl = null;
     $("#cmd-outcome").textContent = "";
     $("#cmd-detail").textContent = "";

@@ -33,6 +33,7 @@ export class LineChart {
     this.series = [];
     this.window = null; // [from, to] in ms, or null: fit the data
     this.zero = false; // keep 0 on the y axis (rates)
+    this.markers = []; // [{ from, to, label }]: shaded spans (anomalies), in ms
     this.pending = false;
   }
 
@@ -103,6 +104,18 @@ export class LineChart {
       const tw = g.measureText(text).width;
       g.fillText(text, Math.min(Math.max(x(t) - tw / 2, pad.l), w - pad.r - tw), h - 5);
     }
+    // Markers: a shaded span (at least 3 px wide) with a tick on top, under the lines.
+    g.fillStyle = css("--bad");
+    for (const m of this.markers) {
+      if (m.to < t0 || m.from > t1) continue;
+      const a = x(Math.max(m.from, t0));
+      const b = Math.max(x(Math.min(m.to, t1)), a + 3);
+      g.globalAlpha = 0.18;
+      g.fillRect(a, pad.t, b - a, h - pad.t - pad.b);
+      g.globalAlpha = 1;
+      g.fillRect(a, pad.t, b - a, 3);
+    }
+    g.fillStyle = css("--muted");
     // Lines.
     const palette = [css("--accent"), css("--ok"), css("--warn"), css("--bad")];
     this.series.forEach((s, i) => {
