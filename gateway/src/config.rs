@@ -274,8 +274,9 @@ pub struct StoreConfig {
     /// wait to enqueue and so stop reading their sockets: devices are slowed, never dropped.
     pub queue_frames: usize,
     /// Keep readings and events this long, by their timestamp (e.g. "30d"), and finished
-    /// commands this long after their outcome; older ones are deleted by the writer in small
-    /// steps between batches. At least 1 minute. Default: unset, keep everything.
+    /// commands and ended anomalies this long after their outcome or decision; older ones
+    /// are deleted by the writer in small steps between batches. At least 1 minute.
+    /// Default: unset, keep everything.
     #[serde(with = "humantime_serde")]
     pub retention: Option<Duration>,
 }

@@ -256,3 +256,76 @@ async fn a_burst_of_wrong_tokens_is_a_security_anomaly_and_its_address_is_refuse
     assert_eq!(listed["anomalies"].as_array().unwrap().len(), 1, "{listed}");
     gw.stop().await;
 }
+
+/// A pump's pressure, steady with some noise: reading `i` of a fixed pseudo-random sequence.
+fn pressure(i: u64) -> f64 {
+    10.0 + ((i * 7919) % 100) as f64 / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_raises_no_burst_of_false_alarms_and_judges_at_once() {
+    use firmware_sim::scenario::{SensorSpec, Waveform};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    let log = dir.path().join("gateway.log");
+    let listen = format!("127.0.0.1:{}", free_port());
+    // Steady sensors with noise: the same physical signal before and after the restart.
+    let sensors = vec![
+        SensorSpec {
+            noise: 0.5,
+            ..SensorSpec::plain("temperature", Waveform::Constant { value: 20.0 })
+        },
+        SensorSpec {
+            noise: 1.0,
+            quantum: Some(0.5),
+            ..SensorSpec::plain("voltage", Waveform::Constant { value: 230.0 })
+        },
+    ];
+    let devices = firmware_sim::FleetConfig {
+        devices: 10,
+        rate: 10.0,
+        readings: sensors.len(),
+        sensors: Some(std::sync::Arc::new(sensors)),
+        duration: Duration::from_secs(6),
+        drain: Duration::from_secs(2),
+        ..fleet(listen.parse().unwrap())
+    };
+    let mut seq = 0;
+    for round in 0..2u64 {
+        let gw = GatewayProcess::start(&db, &listen, &log, &[]).await;
+        let fleet = tokio::spawn(firmware_sim::run_fleet(devices.clone()));
+        // A pump of our own: 100 steady readings before the restart; after it, a spike at
+        // its sixth reading, long before a series learning afresh could judge anything.
+        let mut pump = RawClient::connect(gw.addr).await;
+        pump.hello("pump-3", round + 1).await;
+        let readings: Vec<f64> = if round == 0 {
+            (0..100).map(pressure).collect()
+        } else {
+            (100..105)
+                .map(pressure)
+                .chain([50.0])
+                .chain((105..108).map(pressure))
+                .collect()
+        };
+        for (i, v) in readings.into_iter().enumerate() {
+            seq = i as u64 + 1;
+            pump.send(telemetry(seq, &[("pressure", v)])).await;
+        }
+        let report = fleet.await.unwrap();
+        assert!(report.is_clean(), "round {round}: {}", report.to_table());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let page = api(gw.http, "/api/v1/anomalies").await;
+        let found = page["anomalies"].as_array().unwrap();
+        let expected = if round == 0 { 0 } else { 1 };
+        assert_eq!(found.len(), expected, "round {round}: {page}");
+        if round == 1 {
+            assert_eq!(
+                (found[0]["device_id"].as_str(), found[0]["kind"].as_str()),
+                (Some("pump-3"), Some("spike"))
+            );
+            assert_eq!(found[0]["value"], 50.0);
+        }
+        assert_eq!(gw.terminate().await.code(), Some(0));
+    }
+    assert_eq!(seq, 9, "the last round sent 9 readings");
+}

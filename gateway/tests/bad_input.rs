@@ -162,7 +162,9 @@ async fn a_storm_of_bad_devices_is_one_log_line_and_a_count_not_a_line_each() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("gateway.log");
     let gw = GatewayProcess::start(&dir.path().join("gw.db"), "127.0.0.1:0", &log, &[]).await;
-    for i in 0..25 {
+    // 18 and one more stay under the address guard's burst of 20 (tests/anomalies.rs shows
+    // what a burst gets).
+    for i in 0..18 {
         let wrong = delimited(&hello(&format!("intruder-{i}"), "not-the-token", 1));
         expect(gw.addr, wrong, ErrorCode::AuthFailed).await;
     }
@@ -186,7 +188,7 @@ async fn a_storm_of_bad_devices_is_one_log_line_and_a_count_not_a_line_each() {
         .find(|l| l.contains("gateway stopped"))
         .expect("a summary line at stop");
     assert!(
-        summary.contains("(\"ERROR_CODE_AUTH_FAILED\", 25)"),
+        summary.contains("(\"ERROR_CODE_AUTH_FAILED\", 18)"),
         "the summary counts every one: {summary}"
     );
 }

@@ -9,6 +9,12 @@
 //!   [`Cadence::deadline`]), and ended when data resumes. `raised_ts_ms` is where the device's
 //!   clock stood then, projected from its last reading at its usual pace.
 //!
+//! Either way the silence must also last `min_ms` of the device's own clock (2 s by
+//! default): a device that sends ten frames a second is not "dropped out" by a 300 ms network
+//! hiccup, nor is one that uploaded a backlog in a burst and then went back to its pace. On
+//! a device clock that runs faster than the wall (a replay, a time-scaled simulation) that
+//! floor is short on the wall.
+//!
 //! State per device: a few numbers (about 100 bytes). Pure: the caller passes the clock.
 
 use super::series::score;
@@ -16,13 +22,30 @@ use super::{Finding, Kind};
 
 /// Frames a device reports before its intervals are trusted.
 const WARMUP_FRAMES: u32 = 10;
+/// Frames closer together than this on the gateway's clock (a backlog uploaded after a
+/// reconnect, a device sending as fast as it can) do not teach the arrival interval, so a
+/// burst never makes the next ordinary pause look like a dropout. A device that always
+/// sends faster than this is never judged live (its gaps in timestamps still are).
+const MIN_PACED_GAP_MS: i64 = 20;
 /// Weight of a new interval in the learned ones.
 const ALPHA: f64 = 0.1;
+
+/// How long a silence must be to be a dropout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rhythm {
+    /// Times the device's usual interval.
+    pub factor: f64,
+    /// And at least this long on the device's clock, ms.
+    pub min_ms: f64,
+}
 
 /// One device's reporting rhythm.
 #[derive(Debug, Clone, Default)]
 pub struct Cadence {
     frames: u32,
+    /// Frames that arrived at least [`MIN_PACED_GAP_MS`] after the one before (the ones its
+    /// usual arrival interval is learned from).
+    paced: u32,
     /// Newest reading timestamp (device clock).
     last_ts: i64,
     /// Gateway time the newest frame arrived.
@@ -45,7 +68,7 @@ impl Cadence {
         first_ts: i64,
         last_ts: i64,
         now: i64,
-        factor: f64,
+        rhythm: Rhythm,
         learn_only: bool,
         out: &mut Vec<Finding>,
     ) {
@@ -60,6 +83,7 @@ impl Cadence {
             return; // older data (a clock stepped back, a resend of old frames): no rhythm
         }
         let gap = (first_ts - self.last_ts) as f64;
+        let factor = rhythm.factor;
         let armed = self.frames >= WARMUP_FRAMES && !learn_only;
         if let Some(from) = self.open.take() {
             out.push(Finding::end(
@@ -67,7 +91,7 @@ impl Cadence {
                 from,
                 first_ts - self.step.round() as i64,
             ));
-        } else if armed && self.step > 0.0 && gap > factor * self.step {
+        } else if armed && self.step > 0.0 && gap > (factor * self.step).max(rhythm.min_ms) {
             let step = self.step.round() as i64;
             out.push(Finding {
                 value: None,
@@ -90,13 +114,18 @@ impl Cadence {
         if gap <= factor * self.step || self.step == 0.0 {
             let a = (1.0 / f64::from(self.frames)).max(ALPHA);
             self.step += a * (gap - self.step);
-            let arrival = (now - self.last_arrival).max(0) as f64;
-            let capped = if self.arrival > 0.0 {
-                arrival.min(factor * self.arrival)
-            } else {
-                arrival
-            };
-            self.arrival += a * (capped - self.arrival);
+            let arrival = now - self.last_arrival;
+            if arrival >= MIN_PACED_GAP_MS {
+                self.paced = self.paced.saturating_add(1);
+                let a = (1.0 / f64::from(self.paced)).max(ALPHA);
+                let arrival = arrival as f64;
+                let capped = if self.arrival > 0.0 {
+                    arrival.min(factor * self.arrival)
+                } else {
+                    arrival
+                };
+                self.arrival += a * (capped - self.arrival);
+            }
         }
         self.frames = self.frames.saturating_add(1);
         self.last_ts = self.last_ts.max(last_ts);
@@ -114,17 +143,28 @@ impl Cadence {
 
     /// When (gateway clock) its silence becomes a dropout; `None` while not armed,
     /// disconnected, or already raised.
-    pub fn deadline(&self, factor: f64) -> Option<i64> {
-        (self.connected
-            && self.open.is_none()
-            && self.frames >= WARMUP_FRAMES
-            && self.arrival > 0.0)
-            .then(|| self.last_arrival + (factor * self.arrival).ceil() as i64)
+    pub fn deadline(&self, rhythm: Rhythm) -> Option<i64> {
+        (self.connected && self.open.is_none() && self.paced >= WARMUP_FRAMES && self.arrival > 0.0)
+            .then(|| {
+                let floor = rhythm.min_ms / self.pace();
+                self.last_arrival + (rhythm.factor * self.arrival).max(floor).ceil() as i64
+            })
+    }
+
+    /// Device-clock ms per gateway-clock ms: 1 for live data, more for a replay or a
+    /// time-scaled simulation.
+    fn pace(&self) -> f64 {
+        if self.arrival > 0.0 && self.step > 0.0 {
+            self.step / self.arrival
+        } else {
+            1.0
+        }
     }
 
     /// Raises the live dropout if `now` is past the deadline.
-    pub fn check(&mut self, now: i64, factor: f64, out: &mut Vec<Finding>) {
-        let Some(deadline) = self.deadline(factor) else {
+    pub fn check(&mut self, now: i64, rhythm: Rhythm, out: &mut Vec<Finding>) {
+        let factor = rhythm.factor;
+        let Some(deadline) = self.deadline(rhythm) else {
             return;
         };
         if now < deadline {
@@ -133,11 +173,7 @@ impl Cadence {
         let silent = (now - self.last_arrival) as f64;
         // The device's clock runs at `step` per `arrival` (1 for live data, faster for a
         // replay or a device reporting several samples a frame).
-        let pace = if self.arrival > 0.0 {
-            self.step / self.arrival
-        } else {
-            1.0
-        };
+        let pace = self.pace();
         let step = self.step.round() as i64;
         let from = self.last_ts + step;
         self.open = Some(from);
@@ -165,12 +201,17 @@ impl Cadence {
 mod tests {
     use super::*;
 
+    const R: Rhythm = Rhythm {
+        factor: 2.5,
+        min_ms: 2000.0,
+    };
+
     /// A device reporting every second for `n` frames, arriving on time.
     fn steady(n: i64) -> (Cadence, Vec<Finding>) {
         let mut c = Cadence::default();
         let mut out = Vec::new();
         for i in 0..n {
-            c.frame(i * 1000, i * 1000, 5_000 + i * 1000, 2.5, false, &mut out);
+            c.frame(i * 1000, i * 1000, 5_000 + i * 1000, R, false, &mut out);
         }
         (c, out)
     }
@@ -178,7 +219,7 @@ mod tests {
     #[test]
     fn a_gap_in_timestamps_is_a_dropout_found_when_data_resumes() {
         let (mut c, mut out) = steady(30);
-        c.frame(40_000, 40_000, 5_000 + 30_000, 2.5, false, &mut out);
+        c.frame(40_000, 40_000, 5_000 + 30_000, R, false, &mut out);
         assert_eq!(out.len(), 1, "{out:?}");
         let f = &out[0];
         assert_eq!(
@@ -191,18 +232,18 @@ mod tests {
     fn live_silence_is_a_dropout_until_data_resumes() {
         let (mut c, mut out) = steady(30);
         // Last frame: ts 29 000 arrived at 34 000; usual arrival every 1 000 ms.
-        assert_eq!(c.deadline(2.5), Some(36_500));
-        c.check(36_000, 2.5, &mut out);
+        assert_eq!(c.deadline(R), Some(36_500));
+        c.check(36_000, R, &mut out);
         assert!(out.is_empty());
-        c.check(36_600, 2.5, &mut out);
+        c.check(36_600, R, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(
             (out[0].ts_ms, out[0].raised_ts_ms, out[0].ongoing),
             (30_000, 31_600, true)
         );
-        c.check(40_000, 2.5, &mut out);
+        c.check(40_000, R, &mut out);
         assert_eq!(out.len(), 1, "raised once");
-        c.frame(45_000, 45_000, 50_000, 2.5, false, &mut out);
+        c.frame(45_000, 45_000, 50_000, R, false, &mut out);
         assert_eq!(out.len(), 2);
         assert!(out[1].is_end());
         assert_eq!((out[1].ts_ms, out[1].to_ms), (30_000, 44_000));
@@ -212,8 +253,8 @@ mod tests {
     fn a_disconnected_device_is_not_a_dropout() {
         let (mut c, mut out) = steady(30);
         c.disconnected(&mut out);
-        assert_eq!(c.deadline(2.5), None);
-        c.check(1_000_000, 2.5, &mut out);
+        assert_eq!(c.deadline(R), None);
+        c.check(1_000_000, R, &mut out);
         assert!(out.is_empty());
     }
 
@@ -228,11 +269,51 @@ mod tests {
                 first,
                 first + 4000,
                 i * 5000 + (i * 37 % 900),
-                2.5,
+                R,
                 false,
                 &mut out,
             );
         }
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_burst_teaches_no_rhythm_and_a_live_device_gets_two_seconds() {
+        let mut c = Cadence::default();
+        let mut out = Vec::new();
+        // A live device every 100 ms, then a backlog of 100 frames within 40 ms.
+        for i in 0..30i64 {
+            c.frame(i * 100, i * 100, i * 100, R, false, &mut out);
+        }
+        for i in 0..100i64 {
+            c.frame(
+                3_000 + i * 100,
+                3_000 + i * 100,
+                3_000 + i * 2 / 5,
+                R,
+                false,
+                &mut out,
+            );
+        }
+        // Its interval is still 100 ms, but a silence must last 2 s of its clock.
+        assert_eq!(c.deadline(R), Some(3_039 + 2_000));
+        c.check(4_000, R, &mut out);
+        assert!(out.is_empty());
+        let mut fast = Cadence::default();
+        for i in 0..100i64 {
+            fast.frame(i, i, i, R, false, &mut out);
+        }
+        assert_eq!(fast.deadline(R), None, "never paced: not judged live");
+    }
+
+    #[test]
+    fn on_a_fast_device_clock_the_floor_is_short_on_the_wall() {
+        let mut c = Cadence::default();
+        let mut out = Vec::new();
+        // A replay: a 5-minute step every 100 ms of wall time.
+        for i in 0..30i64 {
+            c.frame(i * 300_000, i * 300_000, i * 100, R, false, &mut out);
+        }
+        assert_eq!(c.deadline(R), Some(2_900 + 250));
     }
 }

@@ -37,6 +37,9 @@ pub struct AnomalyConfig {
     /// `dropout`: silence (or a gap in timestamps) this many times the device's usual
     /// interval. Default 2.5.
     pub dropout_factor: f64,
+    /// `dropout`: and at least this long on the device's own clock. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub dropout_min: Duration,
     /// `traffic`: a frame rate this many times the device's usual, over `traffic_window`.
     /// Default 5; 0 turns it off.
     pub traffic_factor: f64,
@@ -68,6 +71,7 @@ impl Default for AnomalyConfig {
             stuck_factor: t.stuck_factor,
             stuck_min_readings: t.stuck_min,
             dropout_factor: 2.5,
+            dropout_min: Duration::from_secs(2),
             traffic_factor: 5.0,
             traffic_window: Duration::from_secs(10),
             max_series: 1_000_000,
@@ -247,6 +251,14 @@ impl AnomalyConfig {
             t.stuck_min = o.stuck_min_readings.unwrap_or(t.stuck_min);
         }
         t
+    }
+
+    /// How long a silence must be to be a dropout.
+    pub fn rhythm(&self) -> super::cadence::Rhythm {
+        super::cadence::Rhythm {
+            factor: self.dropout_factor,
+            min_ms: self.dropout_min.as_secs_f64() * 1000.0,
+        }
     }
 
     /// The guard's policy (`None` when security watching is off).

@@ -2,7 +2,7 @@
 //! slope) and `stuck`. Pure: a reading in, findings out; no clock but the readings' own
 //! timestamps, no I/O, so a replayed day is judged exactly like a live one.
 //!
-//! The state of one series is a fixed set of numbers ([`Series`] is 232 bytes):
+//! The state of one series is a fixed set of numbers ([`Series`] is 216 bytes):
 //!
 //! - two robust one-step forecasts: the previous accepted value (`prev`, right for
 //!   integrated series such as a random walk or a densely sampled daily cycle) and a fast
@@ -16,10 +16,12 @@
 //!   at the first reading back, so `raised_ts_ms` is one reading late); one that stays out
 //!   longer is a level shift (`drift`, detector `level-shift`), and the state re-anchors on
 //!   the new level.
-//! - two CUSUMs for slow changes: one on increments (a change of slope, for any series) and,
-//!   only where the series is mean-reverting (its level deviation is not larger than its
-//!   step deviation, so readings are close to independent), one on the level against a slow
-//!   reference (a slow drift away from a set point). Both standardised by the learned scales.
+//! - two CUSUMs for sustained changes: one on increments (a change of slope, for any
+//!   series) and, only where the series is mean-reverting (over a long memory its level
+//!   deviation is not larger than its step deviation, so readings are close to
+//!   independent), one on the error of the fast level (a ramp or a shift that the level
+//!   follows more slowly than it moves). A steady trend or a slow daily swing keeps a
+//!   steady level error that the scale has learned, so only a change of pace builds up.
 //! - a run counter for `stuck`: a value repeated far longer (`stuck_factor` times) than the
 //!   longest run the series has shown, and at least `stuck_min` readings, on a series that
 //!   has varied at all. A quantised sensor's long runs are learned, a constant one never
@@ -75,7 +77,7 @@ impl Default for Tuning {
 
 /// Weight of a new reading in the fast level and the scales.
 const ALPHA: f64 = 0.05;
-/// Weight of a new reading in the slow references (CUSUM means).
+/// Weight of a new reading in the slow estimates (the mean increment, the long-run scales).
 const ALPHA_SLOW: f64 = 0.005;
 /// Mean absolute deviation to standard deviation, for a normal distribution.
 const MAD_TO_SD: f64 = 1.2533;
@@ -100,9 +102,8 @@ pub struct Series {
     exc_last: i64,
     exc_value: f64,
     exc_z: f64,
-    // CUSUMs: on increments (against their slow mean) and on the level (against `reference`).
+    // CUSUMs: on increments (against their slow mean) and on the fast level's error.
     mean_diff: f64,
-    reference: f64,
     /// Slow versions of the two deviations: whether the series is mean-reverting.
     slow_dev_level: f64,
     slow_dev_diff: f64,
@@ -269,7 +270,6 @@ impl Series {
             last_ts: ts,
             prev: x,
             level: x,
-            reference: x,
             run: 1,
             run_from: ts,
             run_last: ts,
@@ -292,7 +292,6 @@ impl Series {
     fn reanchor(&mut self, x: f64) {
         self.prev = x;
         self.level = x;
-        self.reference = x;
         self.exc_len = 0;
         self.clear_cusums();
     }
@@ -325,7 +324,10 @@ impl Series {
         let a_slow = (1.0 / f64::from(self.n)).max(ALPHA_SLOW);
         let cap = t.spike_z * 0.5;
         let u_slope = ((d - self.mean_diff) / (sd * MAD_TO_SD)).clamp(-cap, cap);
-        let u_level = ((x - self.reference) / (sl * MAD_TO_SD)).clamp(-cap, cap);
+        // Measured against the long-run scale, so a ramp builds up before the fast scale has
+        // learned it as normal.
+        let u_level = ((x - self.level) / (self.slow_dev_level.max(self.floor(x)) * MAD_TO_SD))
+            .clamp(-cap, cap);
         // While a CUSUM is building up, the scales hold still: a slow change must not
         // teach the state that it is normal before it is judged.
         let building = [
@@ -342,7 +344,6 @@ impl Series {
         let r = x - self.level;
         self.dev_level += a * (r.abs().min(cap * sl) - self.dev_level);
         self.level += a * r.clamp(-cap * sl, cap * sl);
-        self.reference += a_slow * (x - self.reference).clamp(-cap * sl, cap * sl);
         self.slow_dev_level += a_slow * (r.abs().min(cap * sl) - self.slow_dev_level);
         self.slow_dev_diff += a_slow * (d.abs().min(cap * sd) - self.slow_dev_diff);
         self.prev = x;
@@ -585,11 +586,7 @@ mod tests {
 
     #[test]
     fn a_series_is_small() {
-        assert!(
-            std::mem::size_of::<Series>() <= 232,
-            "{}",
-            std::mem::size_of::<Series>()
-        );
+        assert_eq!(std::mem::size_of::<Series>(), 216);
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl Detector {
         let started = Instant::now();
         let mut judged = 0u64;
         let mut skipped = 0u64;
-        let factor = self.config.dropout_factor;
+        let factor = self.config.rhythm();
         for frame in &batch.frames {
             let FrameBody::Telemetry(t) = &frame.body else {
                 continue;
@@ -287,7 +287,7 @@ impl Detector {
 
     /// Raises the live dropouts that are due at `now`.
     fn check_deadlines(&mut self, now: i64) {
-        let factor = self.config.dropout_factor;
+        let factor = self.config.rhythm();
         while let Some(Reverse((at, device))) = self.deadlines.peek().cloned() {
             if at > now {
                 break;

@@ -170,12 +170,14 @@ pub struct Pruned {
     pub events: u64,
     /// Finished commands.
     pub commands: u64,
+    /// Anomalies that ended.
+    pub anomalies: u64,
 }
 
 impl Pruned {
     /// All rows.
     pub fn total(&self) -> u64 {
-        self.readings + self.events + self.commands
+        self.readings + self.events + self.commands + self.anomalies
     }
 }
 
@@ -228,11 +230,19 @@ impl Batcher {
                  WHERE outcome IS NOT NULL AND finished_ms < ?1 LIMIT ?2)",
             )?
             .execute(rusqlite::params![cutoff_ms, max_rows])?;
+        // Anomalies by when they were decided (they are few; the time index finds them).
+        let anomalies = tx
+            .prepare_cached(
+                "DELETE FROM anomaly_log WHERE id IN (SELECT id FROM anomaly_log \
+                 WHERE detected_ms < ?1 AND ongoing = 0 LIMIT ?2)",
+            )?
+            .execute(rusqlite::params![cutoff_ms, max_rows])?;
         tx.commit()?;
         Ok(Pruned {
             readings: readings as u64,
             events: events as u64,
             commands: commands as u64,
+            anomalies: anomalies as u64,
         })
     }
 

@@ -306,8 +306,13 @@ impl Writer {
                 self.pruned.readings += step.readings;
                 self.pruned.events += step.events;
                 self.pruned.commands += step.commands;
+                self.pruned.anomalies += step.anomalies;
                 let full = PRUNE_STEP_ROWS as u64;
-                if step.readings == full || step.events == full || step.commands == full {
+                if step.readings == full
+                    || step.events == full
+                    || step.commands == full
+                    || step.anomalies == full
+                {
                     return PRUNE_BUSY; // more remain
                 }
                 if self.pruned.total() > 0 {
@@ -315,6 +320,7 @@ impl Writer {
                         readings = self.pruned.readings,
                         events = self.pruned.events,
                         commands = self.pruned.commands,
+                        anomalies = self.pruned.anomalies,
                         older_than = %humantime::format_duration(retention),
                         "retention: deleted old data"
                     );
