@@ -119,11 +119,7 @@ pub struct StoreView {
 
 /// Reads detections and device rhythms from the gateway store at `db` (read-only).
 pub fn read_store(db: &Path) -> Result<StoreView, rusqlite::Error> {
-    let conn = rusqlite::Connection::open_with_flags(
-        db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let conn = crate::verify::open_store(db)?;
     let mut stmt = conn.prepare(
         "SELECT device_id, sensor, kind, raised_ts_ms FROM anomalies
          WHERE kind IN ('spike', 'drift', 'stuck', 'dropout') AND device_id IS NOT NULL",

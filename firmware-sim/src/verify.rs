@@ -29,13 +29,19 @@ impl Verification {
     }
 }
 
-/// Checks the store at `db` (opened read-only) against `report`.
-pub fn verify_db(db: &Path, report: &Report) -> Result<Verification, rusqlite::Error> {
+/// Opens the gateway's store at `db` read-only (the gateway may still be writing it).
+pub fn open_store(db: &Path) -> Result<rusqlite::Connection, rusqlite::Error> {
     let conn = rusqlite::Connection::open_with_flags(
         db,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+/// Checks the store at `db` (opened read-only) against `report`.
+pub fn verify_db(db: &Path, report: &Report) -> Result<Verification, rusqlite::Error> {
+    let conn = open_store(db)?;
     let mut stmt = conn.prepare(
         "SELECT seq, COUNT(*) FROM telemetry WHERE device_id = ?1 AND epoch = ?2 GROUP BY seq",
     )?;

@@ -317,7 +317,20 @@ async fn a_restart_raises_no_burst_of_false_alarms_and_judges_at_once() {
         let page = api(gw.http, "/api/v1/anomalies").await;
         let found = page["anomalies"].as_array().unwrap();
         let expected = if round == 0 { 0 } else { 1 };
-        assert_eq!(found.len(), expected, "round {round}: {page}");
+        if found.len() != expected {
+            // What the detector saw, for the failure message.
+            let mut conn = open_db(&db).await;
+            let a = &found[0];
+            let rows: Vec<(i64, f64)> = sqlx::query_as(
+                "SELECT ts_ms, value FROM telemetry WHERE device_id = ? AND sensor = ? ORDER BY ts_ms",
+            )
+            .bind(a["device_id"].as_str())
+            .bind(a["sensor"].as_str())
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            panic!("round {round}: {page}\nits series: {rows:?}");
+        }
         if round == 1 {
             assert_eq!(
                 (found[0]["device_id"].as_str(), found[0]["kind"].as_str()),

@@ -395,9 +395,22 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
     // shaded on its chart and listed on its page.
     let mut pump = RawClient::connect(gw.addr).await;
     pump.hello("pump-9", 1).await;
-    let values = (0..60).map(|i| f64::from(i % 5)).chain([1000.0, 2.0, 3.0]);
-    for (seq, v) in (1..).zip(values) {
-        pump.send(telemetry(seq, &[("pressure", v)])).await;
+    // Readings every 5 s over the last few minutes (its own timestamps), like a device
+    // uploading what it sampled.
+    let values: Vec<f64> = (0..60)
+        .map(|i| 4.0 + f64::from(i % 5) * 0.2)
+        .chain([9.0, 4.2, 4.4])
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for (seq, v) in (1u64..).zip(values.iter().copied()) {
+        let mut frame = telemetry(seq, &[("pressure", v)]);
+        if let Some(proto::v1::device_message::Body::Telemetry(t)) = &mut frame.body {
+            t.readings[0].timestamp_ms = now - (values.len() as u64 - seq) * 5_000;
+        }
+        pump.send(frame).await;
     }
     eval(&page, "location.hash = '#/device/pump-9'").await;
     wait_true(

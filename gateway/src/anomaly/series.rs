@@ -83,6 +83,8 @@ const ALPHA_SLOW: f64 = 0.005;
 const MAD_TO_SD: f64 = 1.2533;
 /// How much of the longest usual run is kept at each new run (a slow forgetting).
 const RUN_DECAY: f64 = 0.995;
+/// Readings learned as a plain mean before updates are winsorised.
+const WINSOR_AFTER: u32 = 10;
 /// Changes of value a series must show before `stuck` is armed.
 const STUCK_ARM_CHANGES: u32 = 5;
 
@@ -339,13 +341,16 @@ impl Series {
         .iter()
         .any(|c| c.sum > t.drift_h / 4.0);
         let a = if building { a.min(ALPHA_SLOW) } else { a };
-        self.dev_diff += a * ((d - self.mean_diff).abs().min(cap * sd) - self.dev_diff);
-        self.mean_diff += a_slow * (d.clamp(-cap * sd, cap * sd) - self.mean_diff);
+        // Winsorised at `cap` scales, once there are scales to speak of: over the first
+        // readings a plain mean, or a first small step would stunt the scale for good.
+        let w = if self.n <= WINSOR_AFTER { f64::INFINITY } else { cap };
+        self.dev_diff += a * ((d - self.mean_diff).abs().min(w * sd) - self.dev_diff);
+        self.mean_diff += a_slow * (d.clamp(-w * sd, w * sd) - self.mean_diff);
         let r = x - self.level;
-        self.dev_level += a * (r.abs().min(cap * sl) - self.dev_level);
-        self.level += a * r.clamp(-cap * sl, cap * sl);
-        self.slow_dev_level += a_slow * (r.abs().min(cap * sl) - self.slow_dev_level);
-        self.slow_dev_diff += a_slow * (d.abs().min(cap * sd) - self.slow_dev_diff);
+        self.dev_level += a * (r.abs().min(w * sl) - self.dev_level);
+        self.level += a * r.clamp(-w * sl, w * sl);
+        self.slow_dev_level += a_slow * (r.abs().min(w * sl) - self.slow_dev_level);
+        self.slow_dev_diff += a_slow * (d.abs().min(w * sd) - self.slow_dev_diff);
         self.prev = x;
 
         if !drift {
@@ -461,6 +466,24 @@ mod tests {
             let v: Vec<f64> = noise(20_000, seed).iter().map(|x| 20.0 + x).collect();
             let found = run(&v);
             assert!(found.len() <= 1, "seed {seed}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn many_short_noisy_series_raise_nothing() {
+        // Like a fleet just connected: 100 readings each of a set point with noise,
+        // some quantised.
+        for seed in 0..200 {
+            let q = if seed % 2 == 0 { 0.5 } else { 0.0 };
+            let v: Vec<f64> = noise(100, 1000 + seed)
+                .iter()
+                .map(|e| {
+                    let x = 230.0 + e;
+                    if q > 0.0 { (x / q).round() * q } else { x }
+                })
+                .collect();
+            let found = run(&v);
+            assert!(found.is_empty(), "seed {seed}: {found:?}");
         }
     }
 
