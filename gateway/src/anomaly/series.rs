@@ -83,6 +83,8 @@ const ALPHA_SLOW: f64 = 0.005;
 const MAD_TO_SD: f64 = 1.2533;
 /// How much of the longest usual run is kept at each new run (a slow forgetting).
 const RUN_DECAY: f64 = 0.995;
+/// Readings the fast level needs to settle after starting again from one reading.
+const SETTLE: u8 = 20;
 /// Readings learned as a plain mean before updates are winsorised.
 const WINSOR_AFTER: u32 = 10;
 /// Changes of value a series must show before `stuck` is armed.
@@ -121,6 +123,8 @@ pub struct Series {
     long_run: f64,
     changes: u32,
     stuck_open: bool,
+    /// Readings left before the level CUSUM runs again after a re-anchor.
+    settle: u8,
 }
 
 /// A one-sided CUSUM: the sum and the timestamp where it started rising.
@@ -192,6 +196,15 @@ impl Series {
         if ts < self.last_ts {
             return Seen::Late;
         }
+        if self.changes == 0 && x != self.run_value {
+            // A series that had never varied (a sensor settling at power-up, a meter that
+            // was off) has learned nothing about its noise: it starts learning here.
+            let run = self.run;
+            self.start(ts, x);
+            self.long_run = f64::from(run).min(f64::from(t.stuck_min));
+            self.changes = 1;
+            return Seen::Judged;
+        }
         self.n = self.n.saturating_add(1);
         self.last_ts = ts;
         let armed = self.n > t.warmup && !learn_only;
@@ -215,6 +228,13 @@ impl Series {
             }
             self.exc_len = self.exc_len.saturating_add(1);
             self.exc_last = ts;
+            // Out readings teach the scales a little (winsorised, at a quarter of the rate):
+            // one spike barely moves them, but noise that has really grown (or a scale
+            // learned on too quiet a start) is learned within a few dozen readings instead
+            // of raising alarms for ever.
+            let (cap, a) = (t.spike_z * 0.5, ALPHA / 4.0);
+            self.dev_diff += a * ((x - self.prev).abs().min(cap * sd) - self.dev_diff);
+            self.dev_level += a * ((x - self.level).abs().min(cap * sl) - self.dev_level);
             if z > self.exc_z {
                 self.exc_z = z;
                 self.exc_value = x;
@@ -296,6 +316,7 @@ impl Series {
         self.level = x;
         self.exc_len = 0;
         self.clear_cusums();
+        self.settle = SETTLE;
     }
 
     fn clear_cusums(&mut self) {
@@ -343,7 +364,11 @@ impl Series {
         let a = if building { a.min(ALPHA_SLOW) } else { a };
         // Winsorised at `cap` scales, once there are scales to speak of: over the first
         // readings a plain mean, or a first small step would stunt the scale for good.
-        let w = if self.n <= WINSOR_AFTER { f64::INFINITY } else { cap };
+        let w = if self.n <= WINSOR_AFTER {
+            f64::INFINITY
+        } else {
+            cap
+        };
         self.dev_diff += a * ((d - self.mean_diff).abs().min(w * sd) - self.dev_diff);
         self.mean_diff += a_slow * (d.clamp(-w * sd, w * sd) - self.mean_diff);
         let r = x - self.level;
@@ -366,7 +391,12 @@ impl Series {
         // The level CUSUM assumes close to independent readings: only where the level
         // deviation, over a long memory, is not larger than the step deviation (white noise
         // has 0.71 of it; a random walk or a densely sampled cycle far more).
-        if self.slow_dev_level <= self.slow_dev_diff {
+        if self.settle > 0 {
+            // After a re-anchor the level starts from one reading: let it settle first.
+            self.settle -= 1;
+            self.level_up = Cusum::default();
+            self.level_down = Cusum::default();
+        } else if self.slow_dev_level <= self.slow_dev_diff {
             if self.level_up.add(u_level, k, h, ts) && fired.is_none() {
                 fired = Some(("cusum-level", "above", self.level_up));
             } else if self.level_down.add(-u_level, k, h, ts) && fired.is_none() {
@@ -424,10 +454,12 @@ impl Series {
         if self.stuck_open {
             self.stuck_open = false;
             out.push(Finding::end(Kind::Stuck, self.run_from, self.run_last));
-            // The sensor moves again: judge it against its value before it froze.
+            // The sensor moves again: its steps are judged from here, its level against the
+            // level it had before it froze.
             self.prev = x;
-            self.level = x;
             self.exc_len = 0;
+            self.clear_cusums();
+            self.settle = SETTLE;
         } else {
             self.long_run = (self.long_run * RUN_DECAY).max(f64::from(self.run));
         }
@@ -479,7 +511,11 @@ mod tests {
                 .iter()
                 .map(|e| {
                     let x = 230.0 + e;
-                    if q > 0.0 { (x / q).round() * q } else { x }
+                    if q > 0.0 {
+                        (x / q).round() * q
+                    } else {
+                        x
+                    }
                 })
                 .collect();
             let found = run(&v);
@@ -613,6 +649,20 @@ mod tests {
     }
 
     #[test]
+    fn a_quiet_start_or_noise_that_grows_costs_a_few_alarms_at_most() {
+        // A sensor settling at power-up (40 equal readings), then noisy.
+        let mut v = vec![20.0; 40];
+        v.extend(noise(400, 21).iter().map(|e| 20.0 + 0.5 * e));
+        assert!(run(&v).is_empty(), "{:?}", run(&v));
+        // Noise that grows fivefold for good: learned, not alarmed on for ever.
+        let mut v: Vec<f64> = noise(300, 22).iter().map(|e| 20.0 + 0.1 * e).collect();
+        v.extend(noise(1000, 23).iter().map(|e| 20.0 + 0.5 * e));
+        let found = run(&v);
+        assert!(found.len() <= 6, "{} alarms: {found:?}", found.len());
+        assert!(found.iter().all(|f| f.ts_ms < 400_000), "{found:?}");
+    }
+
+    #[test]
     fn a_constant_sensor_is_never_stuck() {
         assert!(run(&[3.0; 1000]).is_empty());
     }
@@ -631,7 +681,8 @@ mod tests {
             Seen::NotANumber
         );
         assert!(out.is_empty());
-        assert_eq!(s.readings(), 100);
+        // Learning starts at the first change of value: 99 readings from the second on.
+        assert_eq!(s.readings(), 99);
     }
 
     #[test]
