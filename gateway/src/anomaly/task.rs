@@ -118,6 +118,7 @@ impl Detector {
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         self.metrics.anomaly_skipped_batches.inc_by(n);
+                        self.resume_all();
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -196,6 +197,15 @@ impl Detector {
         self.metrics
             .anomaly_busy_seconds
             .inc_by(started.elapsed().as_secs_f64());
+    }
+
+    /// After skipped batches every series has a hole: none is judged across it.
+    fn resume_all(&mut self) {
+        for dev in self.devices.values_mut() {
+            for (_, series, _) in &mut dev.sensors {
+                series.resume();
+            }
+        }
     }
 
     /// The index of `sensor` in `device`'s series, created if new (`None` past
