@@ -342,3 +342,48 @@ async fn a_restart_raises_no_burst_of_false_alarms_and_judges_at_once() {
     }
     assert_eq!(seq, 9, "the last round sent 9 readings");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_flooding_far_above_its_usual_rate_is_a_traffic_anomaly() {
+    let gw = TestGateway::start(|c| c.anomaly.traffic_window = Duration::from_secs(1)).await;
+    let mut meter = RawClient::connect(gw.addr).await;
+    meter.hello("meter-1", 1).await;
+    let mut seq = 0;
+    // Its usual pace: 10 frames a second for 8 windows.
+    for _ in 0..80 {
+        seq += 1;
+        meter
+            .send(telemetry(seq, &[("power", 5.0 + (seq % 3) as f64)]))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then a flood: 2 000 frames as fast as the link takes them, and a pause to close the
+    // window.
+    for _ in 0..2000 {
+        seq += 1;
+        meter
+            .send(telemetry(seq, &[("power", 5.0 + (seq % 3) as f64)]))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    seq += 1;
+    meter.send(telemetry(seq, &[("power", 5.0)])).await;
+    let mut found = Value::Null;
+    for _ in 0..100 {
+        found = api(gw.http, "/api/v1/anomalies?kind=traffic").await;
+        if !found["anomalies"].as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let list = found["anomalies"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{found}");
+    assert_eq!(list[0]["device_id"], "meter-1");
+    assert_eq!(list[0]["detector"], "frame-rate");
+    assert!(
+        list[0]["detail"].as_str().unwrap().contains("frames/s"),
+        "{found}"
+    );
+    assert_eq!(gw.metrics.anomalies(gateway::anomaly::Kind::Traffic), 1);
+    gw.stop().await;
+}

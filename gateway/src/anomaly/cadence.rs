@@ -27,6 +27,11 @@ const WARMUP_FRAMES: u32 = 10;
 /// burst never makes the next ordinary pause look like a dropout. A device that always
 /// sends faster than this is never judged live (its gaps in timestamps still are).
 const MIN_PACED_GAP_MS: i64 = 20;
+/// Bounds of the device-clock pace (device ms per gateway ms) the floor is scaled by.
+const MIN_PACE: f64 = 0.1;
+const MAX_PACE: f64 = 1e6;
+/// Longest wait for a device's next frame before its silence is judged (a day).
+const MAX_WAIT_MS: f64 = 86_400_000.0;
 /// Weight of a new interval in the learned ones.
 const ALPHA: f64 = 0.1;
 
@@ -89,18 +94,18 @@ impl Cadence {
             out.push(Finding::end(
                 Kind::Dropout,
                 from,
-                first_ts - self.step.round() as i64,
+                first_ts.saturating_sub(self.step.round() as i64),
             ));
         } else if armed && self.step > 0.0 && gap > (factor * self.step).max(rhythm.min_ms) {
             let step = self.step.round() as i64;
             out.push(Finding {
                 value: None,
-                to_ms: first_ts - step,
+                to_ms: first_ts.saturating_sub(step),
                 ..Finding::point(
                     Kind::Dropout,
                     "gap",
                     score(gap / self.step, factor),
-                    self.last_ts + step,
+                    self.last_ts.saturating_add(step),
                     first_ts,
                     0.0,
                     format!(
@@ -147,7 +152,8 @@ impl Cadence {
         (self.connected && self.open.is_none() && self.paced >= WARMUP_FRAMES && self.arrival > 0.0)
             .then(|| {
                 let floor = rhythm.min_ms / self.pace();
-                self.last_arrival + (rhythm.factor * self.arrival).max(floor).ceil() as i64
+                let wait = (rhythm.factor * self.arrival).max(floor).min(MAX_WAIT_MS);
+                self.last_arrival.saturating_add(wait.ceil() as i64)
             })
     }
 
@@ -155,7 +161,9 @@ impl Cadence {
     /// time-scaled simulation.
     fn pace(&self) -> f64 {
         if self.arrival > 0.0 && self.step > 0.0 {
-            self.step / self.arrival
+            // Bounded: frames with equal timestamps (or a wildly fast clock) must not make
+            // the floor vanish or explode.
+            (self.step / self.arrival).clamp(MIN_PACE, MAX_PACE)
         } else {
             1.0
         }
@@ -175,7 +183,7 @@ impl Cadence {
         // replay or a device reporting several samples a frame).
         let pace = self.pace();
         let step = self.step.round() as i64;
-        let from = self.last_ts + step;
+        let from = self.last_ts.saturating_add(step);
         self.open = Some(from);
         out.push(Finding {
             value: None,
@@ -185,7 +193,7 @@ impl Cadence {
                 "silence",
                 score(silent / self.arrival, factor),
                 from,
-                self.last_ts + (silent * pace).round() as i64,
+                self.last_ts.saturating_add((silent * pace).round() as i64),
                 0.0,
                 format!(
                     "connected but silent for {} ms; it usually sends every {} ms",
@@ -315,5 +323,24 @@ mod tests {
             c.frame(i * 300_000, i * 300_000, i * 100, R, false, &mut out);
         }
         assert_eq!(c.deadline(R), Some(2_900 + 250));
+    }
+
+    #[test]
+    fn wild_timestamps_never_overflow() {
+        let mut c = Cadence::default();
+        let mut out = Vec::new();
+        // Frames with equal timestamps, then one at the end of time, then more.
+        for i in 0..50i64 {
+            c.frame(7, 7, i * 100, R, false, &mut out);
+        }
+        c.frame(i64::MAX, i64::MAX, 5_100, R, false, &mut out);
+        for i in 0..50i64 {
+            c.frame(i64::MAX, i64::MAX, 5_200 + i * 100, R, false, &mut out);
+        }
+        let deadline = c.deadline(R).unwrap();
+        assert!(deadline > 10_000);
+        c.check(i64::MAX / 2, R, &mut out);
+        c.frame(i64::MAX, i64::MAX, i64::MAX / 2 + 1, R, false, &mut out);
+        assert!(out.iter().all(|f| f.ts_ms <= f.to_ms || f.is_end()));
     }
 }
