@@ -2,7 +2,7 @@
 //! slope) and `stuck`. Pure: a reading in, findings out; no clock but the readings' own
 //! timestamps, no I/O, so a replayed day is judged exactly like a live one.
 //!
-//! The state of one series is a fixed set of numbers ([`Series`] is 216 bytes):
+//! The state of one series is a fixed set of numbers ([`Series`] is 224 bytes):
 //!
 //! - two robust one-step forecasts: the previous accepted value (`prev`, right for
 //!   integrated series such as a random walk or a densely sampled daily cycle) and a fast
@@ -83,6 +83,8 @@ const ALPHA_SLOW: f64 = 0.005;
 const MAD_TO_SD: f64 = 1.2533;
 /// How much of the longest usual run is kept at each new run (a slow forgetting).
 const RUN_DECAY: f64 = 0.995;
+/// A pause this many usual steps long breaks a series' steps (see `observe`).
+const GAP_FACTOR: f64 = 4.0;
 /// Extra CUSUM slack on the level error (standard deviations per reading).
 const LEVEL_SLACK: f64 = 0.25;
 /// Readings the fast level needs to settle after starting again from one reading.
@@ -129,6 +131,8 @@ pub struct Series {
     settle: u8,
     /// Readings were missed before the next one: take it as the new `prev`, unjudged.
     resumed: bool,
+    /// Usual time between its readings (ms, exponentially weighted over ordinary gaps).
+    step_ts: f64,
 }
 
 /// A one-sided CUSUM: the sum and the timestamp where it started rising.
@@ -180,9 +184,10 @@ impl Series {
         self.last_ts
     }
 
-    /// Readings of this series were missed (the detector fell behind and skipped batches):
-    /// the next reading starts its steps afresh rather than being judged against the last
-    /// one seen, and the level settles before its CUSUM runs.
+    /// Readings of this series were missed (the detector fell behind and skipped batches,
+    /// or the device paused far longer than usual): the next reading starts its steps and
+    /// its level afresh rather than being judged against the last one seen, and the level
+    /// settles before its CUSUM runs. The scales stay.
     pub fn resume(&mut self) {
         self.exc_len = 0;
         self.clear_cusums();
@@ -220,10 +225,21 @@ impl Series {
             return Seen::Judged;
         }
         self.n = self.n.saturating_add(1);
+        // Irregular sampling: after a pause far longer than the series' usual step (a device
+        // that reports in bursts, a gap in a replay), the next reading is not compared with
+        // the last one, which may be long ago: it starts the steps afresh.
+        let gap = ts.saturating_sub(self.last_ts) as f64;
+        if self.n > 3 && gap > GAP_FACTOR * self.step_ts.max(1.0) {
+            self.resume();
+        } else {
+            let a = (1.0 / f64::from(self.n)).max(ALPHA);
+            self.step_ts += a * (gap - self.step_ts);
+        }
         self.last_ts = ts;
         if self.resumed {
             self.resumed = false;
             self.prev = x;
+            self.level = x;
             self.run_value = x;
             self.run = 1;
             self.run_from = ts;
@@ -671,7 +687,7 @@ mod tests {
 
     #[test]
     fn a_series_is_small() {
-        assert_eq!(std::mem::size_of::<Series>(), 216);
+        assert_eq!(std::mem::size_of::<Series>(), 224);
     }
 
     #[test]
@@ -686,6 +702,22 @@ mod tests {
         let found = run(&v);
         assert!(found.len() <= 6, "{} alarms: {found:?}", found.len());
         assert!(found.iter().all(|f| f.ts_ms < 400_000), "{found:?}");
+    }
+
+    #[test]
+    fn a_slow_signal_sampled_in_bursts_raises_nothing() {
+        // A sine over minutes with small noise, sampled in bursts of 30 readings 1 ms apart
+        // every 5 s (a device that uploads what it buffered): between bursts the signal
+        // moves more than its noise, which is not an anomaly.
+        let e = noise(6000, 31);
+        let mut s = Series::default();
+        let mut out = Vec::new();
+        for (i, e) in e.iter().enumerate() {
+            let ts = (i / 30) as i64 * 5_000 + (i % 30) as i64;
+            let x = 50.0 + 10.0 * (ts as f64 / 60_000.0).sin() + 0.05 * e;
+            s.observe(ts, x, &Tuning::default(), false, &mut out);
+        }
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]
