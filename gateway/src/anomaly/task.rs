@@ -46,13 +46,52 @@ struct DeviceState {
     open: Vec<Arc<Anomaly>>,
 }
 
+/// The tunings series use and how many series there are, over all devices.
+struct SeriesIndex {
+    /// Distinct tunings (one per matching `[[anomaly.sensor]]`, and the default).
+    tunings: Vec<Tuning>,
+    /// Series tracked (bounded by `anomaly.max_series`).
+    series: usize,
+}
+
+impl SeriesIndex {
+    /// The index of `sensor` in `dev`'s series, created if new (`None` past `max_series`).
+    fn slot(
+        &mut self,
+        config: &AnomalyConfig,
+        dev: &mut DeviceState,
+        sensor: &str,
+    ) -> Option<usize> {
+        if let Some(i) = dev.sensors.iter().position(|(n, _, _)| &**n == sensor) {
+            return Some(i);
+        }
+        if self.series >= config.max_series {
+            return None;
+        }
+        let tuning = config.tuning(sensor);
+        let index = match self.tunings.iter().position(|t| *t == tuning) {
+            Some(i) => i,
+            None => {
+                self.tunings.push(tuning);
+                self.tunings.len() - 1
+            }
+        };
+        self.series += 1;
+        dev.sensors.push((
+            sensor.into(),
+            Series::default(),
+            u16::try_from(index).unwrap_or(0),
+        ));
+        Some(dev.sensors.len() - 1)
+    }
+}
+
 /// The detector (see the module docs).
 pub struct Detector {
     config: AnomalyConfig,
-    /// Distinct tunings (one per matching `[[anomaly.sensor]]`, and the default).
-    tunings: Vec<Tuning>,
+    /// Tunings and the count of series, shared by every device.
+    index: SeriesIndex,
     devices: HashMap<Arc<str>, DeviceState>,
-    series: usize,
     next_id: i64,
     sink: AnomalySender,
     metrics: Arc<Metrics>,
@@ -79,10 +118,12 @@ impl Detector {
             .fetch_one(&pool)
             .await?;
         Ok(Self {
-            tunings: vec![config.tuning("")],
+            index: SeriesIndex {
+                tunings: vec![config.tuning("")],
+                series: 0,
+            },
             config,
             devices: HashMap::new(),
-            series: 0,
             next_id: last.unwrap_or(0) + 1,
             sink,
             metrics,
@@ -137,6 +178,7 @@ impl Detector {
         let mut judged = 0u64;
         let mut skipped = 0u64;
         let factor = self.config.rhythm();
+        let mut found: Vec<(Option<usize>, Finding)> = Vec::new();
         for frame in &batch.frames {
             let FrameBody::Telemetry(t) = &frame.body else {
                 continue;
@@ -152,6 +194,8 @@ impl Detector {
             if !self.devices.contains_key(&frame.device) {
                 self.warm_up(&frame.device, first).await;
             }
+            // One lookup of the device per frame; findings are turned into anomalies after
+            // its readings (they are rare).
             let Some(dev) = self.devices.get_mut(&frame.device) else {
                 continue;
             };
@@ -168,32 +212,38 @@ impl Detector {
                     self.deadlines.push(Reverse((at, frame.device.clone())));
                 }
             }
-            self.emit(&frame.device, None, None);
-            for r in &t.readings {
-                let Some(i) = self.slot(&frame.device, &r.sensor) else {
+            found.extend(self.out.drain(..).map(|f| (None, f)));
+            for (k, r) in t.readings.iter().enumerate() {
+                let Some(i) = self.index.slot(&self.config, dev, &r.sensor) else {
                     skipped += 1;
                     continue;
                 };
-                let dev = self.devices.get_mut(&frame.device).expect("slot found it");
                 let (_, series, tuning) = &mut dev.sensors[i];
                 match series.observe(
                     ts(r),
                     r.value,
-                    &self.tunings[usize::from(*tuning)],
+                    &self.index.tunings[usize::from(*tuning)],
                     false,
                     &mut self.out,
                 ) {
                     Seen::Judged => judged += 1,
                     Seen::Late | Seen::NotANumber => skipped += 1,
                 }
-                if !self.out.is_empty() {
-                    self.emit(&frame.device, Some(&r.sensor), Some(r.value));
-                }
+                found.extend(self.out.drain(..).map(|f| (Some(k), f)));
+            }
+            for (k, f) in found.drain(..) {
+                let reading = k.and_then(|k| t.readings.get(k));
+                self.emit_one(
+                    &frame.device,
+                    reading.map(|r| r.sensor.as_str()),
+                    reading.map(|r| r.value),
+                    &f,
+                );
             }
         }
         self.metrics.anomaly_readings.inc_by(judged);
         self.metrics.anomaly_readings_skipped.inc_by(skipped);
-        self.metrics.anomaly_series.set(self.series as i64);
+        self.metrics.anomaly_series.set(self.index.series as i64);
         self.metrics
             .anomaly_busy_seconds
             .inc_by(started.elapsed().as_secs_f64());
@@ -208,37 +258,15 @@ impl Detector {
         }
     }
 
-    /// The index of `sensor` in `device`'s series, created if new (`None` past
-    /// `max_series`).
-    fn slot(&mut self, device: &Arc<str>, sensor: &str) -> Option<usize> {
-        let dev = self.devices.get_mut(device)?;
-        if let Some(i) = dev.sensors.iter().position(|(n, _, _)| &**n == sensor) {
-            return Some(i);
-        }
-        if self.series >= self.config.max_series {
-            return None;
-        }
-        let tuning = self.config.tuning(sensor);
-        let index = match self.tunings.iter().position(|t| *t == tuning) {
-            Some(i) => i,
-            None => {
-                self.tunings.push(tuning);
-                self.tunings.len() - 1
-            }
-        };
-        self.series += 1;
-        dev.sensors.push((
-            sensor.into(),
-            Series::default(),
-            u16::try_from(index).unwrap_or(0),
-        ));
-        Some(dev.sensors.len() - 1)
-    }
-
     /// Creates a device's state, warming its series on their latest stored readings (before
     /// `before_ms`, the first of the batch being judged).
     async fn warm_up(&mut self, device: &Arc<str>, before_ms: i64) {
-        self.devices.insert(device.clone(), DeviceState::default());
+        let mut dev = DeviceState::default();
+        self.learn_from_store(device, &mut dev, before_ms).await;
+        self.devices.insert(device.clone(), dev);
+    }
+
+    async fn learn_from_store(&mut self, device: &Arc<str>, dev: &mut DeviceState, before_ms: i64) {
         let n = self.config.warmup_from_store;
         if n == 0 {
             return;
@@ -272,12 +300,11 @@ impl Detector {
             if rows.is_empty() {
                 continue;
             }
-            let Some(i) = self.slot(device, &name) else {
+            let Some(i) = self.index.slot(&self.config, dev, &name) else {
                 return;
             };
-            let dev = self.devices.get_mut(device).expect("inserted above");
             let (_, series, tuning) = &mut dev.sensors[i];
-            let tuning = self.tunings[usize::from(*tuning)];
+            let tuning = self.index.tunings[usize::from(*tuning)];
             for (ts, value) in rows.into_iter().rev() {
                 if let Some(v) = value {
                     series.observe(ts, v, &tuning, true, &mut self.out);
@@ -291,7 +318,7 @@ impl Detector {
     fn disconnected(&mut self, device: &Arc<str>) {
         if let Some(dev) = self.devices.get_mut(device) {
             dev.cadence.disconnected(&mut self.out);
-            self.emit(device, None, None);
+            self.emit(device);
         }
     }
 
@@ -318,7 +345,7 @@ impl Detector {
                 Some(_) => {
                     dev.scheduled = false;
                     dev.cadence.check(now, factor, &mut self.out);
-                    self.emit(&device, None, None);
+                    self.emit(&device);
                 }
             }
         }
@@ -386,39 +413,51 @@ impl Detector {
         }
     }
 
-    /// Turns the findings in `out` into anomalies of `device` (and `sensor`) and sends them.
-    fn emit(&mut self, device: &Arc<str>, sensor: Option<&str>, value: Option<f64>) {
+    /// Turns the findings in `out` into anomalies of `device` (device-level ones).
+    fn emit(&mut self, device: &Arc<str>) {
         let findings = std::mem::take(&mut self.out);
         for f in &findings {
-            if f.is_end() {
-                let Some(dev) = self.devices.get_mut(device) else {
-                    continue;
-                };
-                let kind = f.kind.name();
-                let Some(i) = dev.open.iter().position(|a| {
-                    a.kind == kind && a.ts_ms == f.ts_ms && a.sensor.as_deref() == sensor
-                }) else {
-                    continue;
-                };
-                let open = dev.open.swap_remove(i);
-                let ended = Anomaly {
-                    to_ms: f.to_ms.max(open.ts_ms),
-                    ongoing: false,
-                    ..(*open).clone()
-                };
-                self.send(Arc::new(ended));
-                continue;
-            }
-            let a = Arc::new(self.anomaly(Some(device.to_string()), sensor, f, value));
-            if a.ongoing {
-                if let Some(dev) = self.devices.get_mut(device) {
-                    dev.open.push(a.clone());
-                }
-            }
-            self.send(a);
+            self.emit_one(device, None, None, f);
         }
         self.out = findings;
         self.out.clear();
+    }
+
+    /// Sends one finding of `device` (and `sensor`, with the reading's `value`): a new
+    /// anomaly, or the end of an ongoing one.
+    fn emit_one(
+        &mut self,
+        device: &Arc<str>,
+        sensor: Option<&str>,
+        value: Option<f64>,
+        f: &Finding,
+    ) {
+        if f.is_end() {
+            let Some(dev) = self.devices.get_mut(device) else {
+                return;
+            };
+            let kind = f.kind.name();
+            let Some(i) = dev.open.iter().position(|a| {
+                a.kind == kind && a.ts_ms == f.ts_ms && a.sensor.as_deref() == sensor
+            }) else {
+                return;
+            };
+            let open = dev.open.swap_remove(i);
+            let ended = Anomaly {
+                to_ms: f.to_ms.max(open.ts_ms),
+                ongoing: false,
+                ..(*open).clone()
+            };
+            self.send(Arc::new(ended));
+            return;
+        }
+        let a = Arc::new(self.anomaly(Some(device.to_string()), sensor, f, value));
+        if a.ongoing {
+            if let Some(dev) = self.devices.get_mut(device) {
+                dev.open.push(a.clone());
+            }
+        }
+        self.send(a);
     }
 
     fn send(&self, a: Arc<Anomaly>) {
