@@ -66,6 +66,9 @@ pub struct DeviceSpec {
     pub jitter: f64,
     /// Readings per sensor per frame (scenario profiles), spread over the report period.
     pub samples: usize,
+    /// Most readings one Telemetry frame carries (a paced device batches its samples up to
+    /// this; older samples beyond it are dropped at the device and counted).
+    pub max_frame_readings: usize,
     /// Seeded devices: device-clock time per wall-clock time (1: real time; 60: a minute of
     /// readings each second).
     pub time_scale: f64,
@@ -159,6 +162,18 @@ pub struct DeviceOutcome {
     pub lost_in_reboot: u64,
     /// Anomalies it put into its values in this epoch.
     pub labels: Vec<Label>,
+    /// Readings its sensors took in this epoch (sent, or dropped at the device).
+    pub readings_produced: u64,
+    /// Readings dropped at the device: older samples that did not fit a frame (while paced
+    /// or while its link was down).
+    pub readings_dropped: u64,
+    /// Readings in frames still unacknowledged at the end.
+    pub readings_unacked: u64,
+    /// Readings in unacknowledged frames forgotten at a reboot.
+    pub readings_lost_in_reboot: u64,
+    /// (seq, readings) of acknowledged Telemetry frames whose reading count is not
+    /// `readings_per_frame` (batched samples), in seq order.
+    pub frame_sizes: Vec<(u64, u64)>,
 }
 
 impl DeviceOutcome {
@@ -180,6 +195,19 @@ impl DeviceOutcome {
             gave_up: None,
             lost_in_reboot: 0,
             labels: Vec::new(),
+            readings_produced: 0,
+            readings_dropped: 0,
+            readings_unacked: 0,
+            readings_lost_in_reboot: 0,
+            frame_sizes: Vec::new(),
+        }
+    }
+
+    /// Readings in the acknowledged Telemetry frame `seq`.
+    pub fn readings_of(&self, seq: u64) -> u64 {
+        match self.frame_sizes.binary_search_by_key(&seq, |f| f.0) {
+            Ok(i) => self.frame_sizes[i].1,
+            Err(_) => self.readings_per_frame,
         }
     }
 }
@@ -271,8 +299,13 @@ pub struct Device {
     pub(crate) answers: VecDeque<(Instant, CommandResult)>,
     pub(crate) outcome: DeviceOutcome,
     pub(crate) stats: Arc<FleetStats>,
-    /// Telemetry frames made so far (the virtual clock's ticks; not reset by a reboot).
+    /// Sampling ticks taken so far (the virtual clock's ticks; not reset by a reboot).
     tick: u64,
+    /// When sampling began (first HelloAck), on the monotonic and the wall clock, and the
+    /// tick count then.
+    sampling_since: Option<Instant>,
+    sampling_wall_ms: Option<u64>,
+    tick_at_start: u64,
     /// Added to every timestamp (clock-skew faults).
     skew_ms: i64,
     /// Faults still to come, by wall time.
@@ -336,6 +369,9 @@ impl Device {
             outcome,
             stats,
             tick: 0,
+            sampling_since: None,
+            sampling_wall_ms: None,
+            tick_at_start: 0,
             skew_ms: 0,
             schedule: VecDeque::new(),
             anomalies: spec
@@ -363,6 +399,7 @@ impl Device {
     pub(crate) fn finish(mut self) -> Vec<DeviceOutcome> {
         self.close_labels(true);
         self.outcome.unacked = self.pending.len() as u64;
+        self.outcome.readings_unacked = self.pending.iter().filter_map(|p| p.readings).sum();
         let mut all = std::mem::take(&mut self.earlier);
         all.push(self.outcome);
         all
@@ -398,6 +435,7 @@ impl Device {
     fn reboot(&mut self) {
         self.close_labels(true);
         let lost = self.pending.len() as u64;
+        let lost_readings = self.pending.iter().filter_map(|p| p.readings).sum();
         self.pending.clear();
         self.answers.clear();
         self.seen_commands.clear();
@@ -408,6 +446,7 @@ impl Device {
             DeviceOutcome::fresh(&self.spec.id, next_epoch, readings_per_frame),
         );
         old.lost_in_reboot = lost;
+        old.readings_lost_in_reboot = lost_readings;
         self.earlier.push(old);
         self.spec.epoch = next_epoch;
         self.next_seq = 1;
@@ -485,25 +524,81 @@ impl Device {
             .collect();
     }
 
-    /// The next Telemetry frame; `None` while a dropout anomaly keeps the device quiet.
+    /// Readings one sample of every sensor makes (a scenario profile's `samples` per sensor).
+    fn readings_per_tick(&self) -> usize {
+        match &self.spec.sensors {
+            Some(sensors) => sensors.len() * self.spec.samples.max(1),
+            None => self.names.len(),
+        }
+    }
+
+    /// Sampling ticks due now and not taken yet (at least one): the sensor samples at the
+    /// device's rate whatever the link does; a device without a rate samples once a frame.
+    fn ticks_due(&self) -> u64 {
+        match self.sampling_since {
+            Some(since) if self.spec.rate > 0.0 => {
+                let taken = self.tick - self.tick_at_start;
+                let due = (since.elapsed().as_secs_f64() * self.spec.rate).floor() as u64 + 1;
+                due.saturating_sub(taken).max(1)
+            }
+            _ => 1,
+        }
+    }
+
+    /// The next Telemetry frame, carrying every sample taken since the last one (up to
+    /// `max_frame_readings`; older samples beyond it are dropped here and counted, as
+    /// firmware with a bounded buffer does). `None` while a dropout anomaly keeps the device
+    /// quiet.
     pub(crate) fn next_frame(&mut self) -> Option<Pending> {
+        let per_tick = self.readings_per_tick().max(1);
+        let due = self.ticks_due();
+        let room = (self.spec.max_frame_readings / per_tick).max(1) as u64;
+        let mut readings = Vec::with_capacity(due.min(room) as usize * per_tick);
+        for i in 0..due {
+            let keep = due - i <= room;
+            let start = readings.len();
+            self.sample(&mut readings);
+            let n = (readings.len() - start) as u64;
+            self.outcome.readings_produced += n;
+            if !keep {
+                // The oldest samples do not fit the frame: the device drops them.
+                readings.truncate(start);
+                self.outcome.readings_dropped += n;
+            }
+        }
+        if readings.is_empty() {
+            return None;
+        }
+        let n = readings.len() as u64;
+        Some(self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n)))
+    }
+
+    /// Takes one sampling tick: appends its readings (none while a dropout lasts).
+    fn sample(&mut self, out: &mut Vec<Reading>) {
         self.tick += 1;
         let period_ms = if self.spec.rate > 0.0 {
             ((1000.0 / self.spec.rate) as u64).max(1)
         } else {
             1
         };
-        // Seeded devices keep a virtual clock (one period per frame from a fixed start, times
-        // `time_scale`), so their bytes do not depend on when they run.
+        // Seeded devices keep a virtual clock (one period per tick from a fixed start, times
+        // `time_scale`), so their values do not depend on when they run.
         let period_ms = match self.spec.seed {
             Some(_) => ((period_ms as f64 * self.spec.time_scale).round() as u64).max(1),
             None => period_ms,
         };
         let clock = match self.spec.seed {
             Some(_) => VIRTUAL_START_MS + self.tick * period_ms,
-            None => now_ms(),
+            None => match self.sampling_wall_ms {
+                Some(start) if self.spec.rate > 0.0 => {
+                    start
+                        + ((self.tick - self.tick_at_start) as f64 * 1000.0 / self.spec.rate) as u64
+                }
+                _ => now_ms(),
+            },
         };
         let ts = clock.saturating_add_signed(self.skew_ms);
+        let first = out.len();
         if let Some(sensors) = self.spec.sensors.clone() {
             // Seconds since the device started, on its virtual or real clock.
             let elapsed = match self.spec.seed {
@@ -511,44 +606,34 @@ impl Device {
                 None => self.born.elapsed().as_secs_f64(),
             };
             let samples = self.spec.samples.max(1) as u64;
-            let mut readings = Vec::with_capacity(sensors.len() * samples as usize);
             for s in 0..samples {
                 // Samples spread over the period, the last one at `ts`.
                 let back_ms = (samples - 1 - s) * period_ms / samples;
                 let t = elapsed - back_ms as f64 / 1000.0;
                 for (sensor, walk) in sensors.iter().zip(self.walk.iter_mut()) {
-                    readings.push(Reading {
+                    out.push(Reading {
                         sensor: sensor.name.clone(),
                         value: sensor.value(t, walk, &mut self.rng),
                         timestamp_ms: ts.saturating_sub(back_ms),
                     });
                 }
             }
-            if self.apply_anomalies(elapsed, ts, &mut readings) {
-                return None;
+            if self.apply_anomalies(elapsed, ts, &mut out[first..]) {
+                out.truncate(first);
             }
-            let n = readings.len() as u64;
-            return Some(self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n)));
+            return;
         }
         let t = ts as f64 / 60_000.0;
-        let rng = &mut self.rng;
-        let readings = self
-            .names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let (base, amp) = SENSORS.get(i).map_or((0.0, 1.0), |s| (s.1, s.2));
-                Reading {
-                    sensor: name.clone(),
-                    value: base
-                        + amp * (t + self.phase + i as f64).sin()
-                        + rng.random_range(-0.05..0.05) * amp,
-                    timestamp_ms: ts,
-                }
-            })
-            .collect();
-        let n = self.names.len() as u64;
-        Some(self.data_frame(Body::Telemetry(Telemetry { readings }), Some(n)))
+        for (i, name) in self.names.iter().enumerate() {
+            let (base, amp) = SENSORS.get(i).map_or((0.0, 1.0), |s| (s.1, s.2));
+            out.push(Reading {
+                sensor: name.clone(),
+                value: base
+                    + amp * (t + self.phase + i as f64).sin()
+                    + self.rng.random_range(-0.05..0.05) * amp,
+                timestamp_ms: ts,
+            });
+        }
     }
 
     /// Applies the anomalies active at `t` seconds to a frame stamped `ts`, and tracks their
@@ -633,6 +718,12 @@ impl Device {
             .hello_acks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.min_period = Duration::ZERO;
+        if self.sampling_since.is_none() {
+            // The sensor samples from the first connection on, linked or not.
+            self.sampling_since = Some(Instant::now());
+            self.sampling_wall_ms = Some(now_ms());
+            self.tick_at_start = self.tick;
+        }
     }
 
     /// The gateway asked for at most one data message per `ms` (0: no limit).
@@ -722,6 +813,9 @@ impl Device {
                     self.outcome.frames_acked += 1;
                     self.outcome.readings_acked += n;
                     self.outcome.last_acked_seq = p.seq;
+                    if n != self.outcome.readings_per_frame {
+                        self.outcome.frame_sizes.push((p.seq, n));
+                    }
                 }
                 None => self.outcome.results_acked += 1,
             }
@@ -934,6 +1028,7 @@ mod tests {
             sensors: None,
             jitter: 0.0,
             samples: 1,
+            max_frame_readings: 1024,
             time_scale: 1.0,
             schedule: Vec::new(),
             anomalies: Vec::new(),

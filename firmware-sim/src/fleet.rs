@@ -11,6 +11,10 @@ use tokio::time::Instant;
 use crate::device::{CommandBehaviour, Device, DeviceSpec, Faults, Timing};
 use crate::report::{FleetStats, Report};
 
+/// Readings a frame carries at most by default: about 35 KiB of protobuf with the built-in
+/// sensor names, well under the gateway's default 64 KiB frame limit.
+pub const DEFAULT_MAX_FRAME_READINGS: usize = 1024;
+
 /// How to run a fleet.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -56,6 +60,9 @@ pub struct FleetConfig {
     pub jitter: f64,
     /// Readings per sensor per frame (with `sensors`).
     pub samples: usize,
+    /// Most readings in one frame: a paced device batches its samples up to this and drops
+    /// older ones beyond it (counted as `readings_dropped`).
+    pub max_frame_readings: usize,
     /// Seeded devices: device-clock time per wall-clock time (see `DeviceSpec`).
     pub time_scale: f64,
     /// Faults and anomalies, with the devices they picked.
@@ -91,6 +98,7 @@ impl Default for FleetConfig {
             sensors: None,
             jitter: 0.0,
             samples: 1,
+            max_frame_readings: DEFAULT_MAX_FRAME_READINGS,
             time_scale: 1.0,
             timeline: None,
             origin: None,
@@ -169,6 +177,7 @@ pub async fn run_fleet_with(config: FleetConfig, stats: Arc<FleetStats>) -> Repo
             sensors: config.sensors.clone(),
             jitter: config.jitter,
             samples: config.samples,
+            max_frame_readings: config.max_frame_readings.max(1),
             time_scale: config.time_scale,
             schedule,
             anomalies,

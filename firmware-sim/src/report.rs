@@ -109,6 +109,14 @@ pub struct Report {
     pub frames_acked: u64,
     /// Readings in the acknowledged frames: what the store must hold.
     pub readings_acked: u64,
+    /// Readings the devices' sensors took (acked, dropped at the device, or still
+    /// unacknowledged at the end).
+    pub readings_produced: u64,
+    /// Readings dropped at the devices: older samples that did not fit a frame while a
+    /// device was paced or offline (a device's bounded buffer, not the gateway's loss).
+    pub readings_dropped: u64,
+    /// Readings in frames unacknowledged at the end, or forgotten at a reboot.
+    pub readings_unacked: u64,
     /// Frame resends after reconnects.
     pub frames_resent: u64,
     /// Connections made after a device's first.
@@ -178,6 +186,12 @@ impl Report {
             frames_sent: stats.frames_sent.load(Ordering::Relaxed),
             frames_acked: outcomes.iter().map(|o| o.frames_acked).sum(),
             readings_acked,
+            readings_produced: outcomes.iter().map(|o| o.readings_produced).sum(),
+            readings_dropped: outcomes.iter().map(|o| o.readings_dropped).sum(),
+            readings_unacked: outcomes
+                .iter()
+                .map(|o| o.readings_unacked + o.readings_lost_in_reboot)
+                .sum(),
             frames_resent: stats.frames_resent.load(Ordering::Relaxed),
             reconnects: stats.reconnects.load(Ordering::Relaxed),
             config_updates: stats.config_updates.load(Ordering::Relaxed),
@@ -210,6 +224,13 @@ impl Report {
         self.outcomes.iter().flat_map(|o| o.labels.iter())
     }
 
+    /// Whether every reading the sensors took is accounted for: acknowledged, dropped at the
+    /// device (counted), or in a frame still unacknowledged.
+    pub fn readings_accounted(&self) -> bool {
+        self.readings_produced
+            == self.readings_acked + self.readings_dropped + self.readings_unacked
+    }
+
     /// Whether every frame sent was acknowledged and no device was refused.
     pub fn is_clean(&self) -> bool {
         self.unacked_frames == 0 && self.devices_refused == 0
@@ -227,6 +248,18 @@ impl Report {
             "readings acked",
             format!("{} ({:.0}/s)", self.readings_acked, self.readings_per_s),
         );
+        if self.readings_dropped > 0 || self.readings_produced != self.readings_acked {
+            row(
+                "readings produced",
+                format!(
+                    "{} ({} acked, {} dropped at the devices, {} unacked)",
+                    self.readings_produced,
+                    self.readings_acked,
+                    self.readings_dropped,
+                    self.readings_unacked
+                ),
+            );
+        }
         row("frames resent", self.frames_resent.to_string());
         row("reconnects", self.reconnects.to_string());
         if self.config_updates > 0 {

@@ -58,7 +58,7 @@ pub fn verify_db(db: &Path, report: &Report) -> Result<Verification, rusqlite::E
             }
             v.frames_checked += 1;
             let rows = stored.get(&seq).copied().unwrap_or(0);
-            let expected = o.readings_per_frame;
+            let expected = o.readings_of(seq);
             if rows == expected {
                 continue;
             }

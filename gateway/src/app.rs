@@ -148,21 +148,27 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         drop(anomaly_tx);
         None
     };
+    let checkpointer = store
+        .checkpointer(metrics.clone())
+        .context("starting the WAL checkpointer")?;
     let (writer, writer_task) = writer::spawn(
         writer_conn,
-        config.store.queue_frames,
-        config.store.batch_max_frames,
-        backlog.clone(),
-        config.store.retention,
-        metrics.clone(),
-        hub.clone(),
-        anomaly_rx,
+        writer::WriterParts {
+            queue_frames: config.store.queue_frames,
+            batch_max_frames: config.store.batch_max_frames,
+            backlog: backlog.clone(),
+            retention: config.store.retention,
+            metrics: metrics.clone(),
+            hub: hub.clone(),
+            anomalies: anomaly_rx,
+            checkpoint: Some(checkpointer.handle()),
+        },
     );
     if config.auth.mode == AuthMode::None {
         tracing::warn!("auth.mode = none: every device is accepted without checking its token");
     }
     let shutdown_timeout = config.shutdown.timeout;
-    let (pace_tx, pace) = tokio::sync::watch::channel(0u32);
+    let pace = Arc::new(crate::pacing::PaceStatus::new(&config.pacing));
     let (hellos, hellos_rx) = tokio::sync::mpsc::channel(devices::HELLO_QUEUE);
     let hello_recorder = tokio::spawn(devices::record_hellos(store.pool().clone(), hellos_rx));
     let shared = Arc::new(Shared {
@@ -180,7 +186,6 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         bridge: bridge.as_ref().map(|(handle, _)| handle.clone()),
         hub: hub.clone(),
         hellos,
-        pace: pace.clone(),
         guard,
     });
     // Background parts stop on their own token, after the links have drained.
@@ -238,13 +243,20 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         }
         None => None,
     };
-    let pacer = tokio::spawn(pace_devices(
-        shared.writer.probe(),
-        metrics.clone(),
-        config.session.slow_report_interval,
-        pace_tx,
-        shutdown.clone(),
-    ));
+    let pacer = if config.pacing.enabled {
+        tokio::spawn(crate::pacing::run(
+            config.pacing.clone(),
+            shared.registry.clone(),
+            shared.writer.probe(),
+            backlog.clone(),
+            metrics.clone(),
+            pace.clone(),
+            shutdown.clone(),
+        ))
+    } else {
+        tracing::info!("pacing is off: devices are held back by backpressure alone");
+        tokio::spawn(async {})
+    };
     let reporter = tokio::spawn(report_periodically(metrics.clone(), shutdown.clone()));
 
     let mut ports = tokio::task::JoinSet::new();
@@ -296,6 +308,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     {
         tracing::error!("the store writer did not finish in time; unacknowledged frames will be resent by devices");
     }
+    let _ = tokio::task::spawn_blocking(move || checkpointer.stop()).await;
     // Then the bridge: it publishes the gateway's `offline` and records what the broker
     // acknowledged; the rest of the backlog waits in the store for the next start.
     bridge_shutdown.cancel();
@@ -325,53 +338,6 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     pacer.abort();
     log_summary(&metrics, "stopped");
     Ok(())
-}
-
-/// Store queue fill at which devices are asked to slow down, and below which (with the
-/// backlog under budget) they may speed up again.
-const BEHIND_FILL: f64 = 0.5;
-const CAUGHT_UP_FILL: f64 = 0.1;
-
-/// Asks devices to report less often while the gateway falls behind (DESIGN: backpressure
-/// slows devices rather than dropping data), and lifts it once it has caught up. Checked
-/// every second; each change is logged once.
-async fn pace_devices(
-    queue: crate::store::writer::QueueProbe,
-    metrics: Arc<Metrics>,
-    slow_interval: Duration,
-    pace: tokio::sync::watch::Sender<u32>,
-    shutdown: CancellationToken,
-) {
-    if slow_interval.is_zero() {
-        return;
-    }
-    let slow_ms = u32::try_from(slow_interval.as_millis()).unwrap_or(u32::MAX);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut behind = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Some(fill) = queue.fill() else { return };
-        let backlog_full = metrics.uplink_backlog_full.get() != 0;
-        if !behind && (fill > BEHIND_FILL || backlog_full) {
-            behind = true;
-            tracing::warn!(
-                store_queue_fill = fill,
-                backlog_full,
-                "falling behind: asking devices to report at most every {}",
-                humantime::format_duration(slow_interval)
-            );
-            pace.send_replace(slow_ms);
-            metrics.pacing_interval.set(slow_interval.as_secs_f64());
-        } else if behind && fill < CAUGHT_UP_FILL && !backlog_full {
-            behind = false;
-            tracing::info!("caught up: devices may report at their own rate again");
-            pace.send_replace(0);
-            metrics.pacing_interval.set(0.0);
-        }
-    }
 }
 
 /// Logs one summary line a minute while anything changes.

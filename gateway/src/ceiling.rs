@@ -64,8 +64,11 @@ pub async fn measure(path: &Path, p: &CeilingParams) -> Result<Ceiling, CeilingE
 }
 
 fn insert(path: &Path, p: &CeilingParams) -> Result<Ceiling, CeilingError> {
-    // The same connection settings as the store writer's.
+    // The same connection settings as the store writer's, but with SQLite's own automatic
+    // checkpoints (the gateway runs them on a thread of its own): plain SQLite, as a user of
+    // it would run it, with a bounded WAL.
     let mut conn = crate::store::batch::open_connection(path, p.durability)?;
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 10000")?;
     // Interned keys, as the gateway's writer would have them.
     let (devices, readings) = (p.devices.max(1) as i64, p.readings.max(1) as i64);
     let tx = conn.transaction()?;

@@ -53,6 +53,8 @@ pub struct Config {
     pub http: crate::api::config::HttpConfig,
     /// Streaming anomaly detection.
     pub anomaly: crate::anomaly::config::AnomalyConfig,
+    /// How devices are slowed when the gateway falls behind.
+    pub pacing: crate::pacing::PacingConfig,
 }
 
 /// Parity of a serial line.
@@ -308,11 +310,10 @@ pub struct SessionConfig {
     /// link is closed. Default 30s.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
-    /// While the gateway falls behind (store queue over half full, or the MQTT backlog at
-    /// its budget), devices are asked (`ConfigUpdate`) to report at most this often, until
-    /// it has caught up. Default 10s; "0s" never asks.
+    /// Deprecated: `pacing.max_interval` ("0s" here sets `pacing.enabled = false`). Unset by
+    /// default.
     #[serde(with = "humantime_serde")]
-    pub slow_report_interval: Duration,
+    pub slow_report_interval: Option<Duration>,
 }
 
 impl Default for SessionConfig {
@@ -321,7 +322,7 @@ impl Default for SessionConfig {
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             write_timeout: Duration::from_secs(30),
-            slow_report_interval: Duration::from_secs(10),
+            slow_report_interval: None,
         }
     }
 }
@@ -631,9 +632,27 @@ fn check_template(template: &str, per_device: bool) -> Result<(), String> {
 impl Config {
     /// Parses and validates a TOML document.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)?;
+        let mut config: Config = toml::from_str(text)?;
+        config.apply_deprecated();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Moves deprecated settings to where they live now (the caller logs the warning).
+    fn apply_deprecated(&mut self) {
+        if let Some(interval) = self.session.slow_report_interval {
+            self.set_max_report_interval(interval);
+        }
+    }
+
+    /// `pacing.max_interval`, where "0s" turns pacing off (`--slow-report-interval` and the
+    /// deprecated `session.slow_report_interval`).
+    pub fn set_max_report_interval(&mut self, interval: Duration) {
+        if interval.is_zero() {
+            self.pacing.enabled = false;
+        } else {
+            self.pacing.max_interval = interval;
+        }
     }
 
     /// Checks ranges that the types alone do not.
@@ -659,6 +678,9 @@ impl Config {
         if self.store.queue_frames < 1 {
             return Err(invalid("store.queue_frames", "must be at least 1"));
         }
+        self.pacing
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         if self
             .store
             .retention

@@ -17,6 +17,7 @@ pub mod config;
 pub mod link;
 pub mod live;
 pub mod metrics;
+pub mod pacing;
 pub mod payload;
 pub mod registry;
 pub mod session;

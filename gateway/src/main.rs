@@ -111,10 +111,14 @@ struct RunArgs {
     /// The certificate's private key, PEM (sets tcp.tls.key_file).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// While the gateway falls behind, ask devices to report at most this often, e.g. "10s";
-    /// "0s" never asks (sets session.slow_report_interval).
+    /// The longest report interval the pacer asks of a device, e.g. "10s"; "0s" turns pacing
+    /// off (sets pacing.max_interval).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     slow_report_interval: Option<std::time::Duration>,
+    /// Never ask devices to slow down (sets pacing.enabled = false): they are held back by
+    /// backpressure alone. For measuring raw capacity.
+    #[arg(long)]
+    no_pacing: bool,
     /// Run without the MQTT bridge (sets mqtt.enabled = false).
     #[arg(long, conflicts_with = "mqtt")]
     no_mqtt: bool,
@@ -300,7 +304,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.http.token = Some(token);
     }
     if let Some(interval) = args.slow_report_interval {
-        config.session.slow_report_interval = interval;
+        config.set_max_report_interval(interval);
+    }
+    if args.no_pacing {
+        config.pacing.enabled = false;
     }
     if let Some(id) = args.gateway_id {
         config.mqtt.gateway_id = id;

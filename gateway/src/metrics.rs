@@ -53,6 +53,12 @@ pub struct Metrics {
     pub batch_frames: Histogram,
     /// Time one batch commit took.
     pub commit_seconds: Histogram,
+    /// WAL checkpoints run (on their own thread, never in a commit).
+    pub checkpoints: Counter,
+    /// Time one WAL checkpoint took.
+    pub checkpoint_seconds: Histogram,
+    /// Pages in the WAL at the last checkpoint.
+    pub wal_frames: Gauge,
     /// From a frame's arrival to the Ack that covers it (the oldest frame of each Ack).
     pub ack_latency: Histogram,
     /// How full the store writer's queue is, 0 to 1.
@@ -91,8 +97,16 @@ pub struct Metrics {
     pub rows_pruned: Counter,
     /// TLS handshakes on the device listener that failed or timed out.
     pub tls_handshake_failures: Counter,
-    /// The report interval devices are asked to keep now (0: no limit), seconds.
+    /// The report interval paced devices are asked to keep now (0: no limit), seconds.
     pub pacing_interval: F64Gauge,
+    /// Devices paced now.
+    pub pacing_devices: Gauge,
+    /// The pacer's pressure (1: at a target: queue fill, commit wait or MQTT backlog).
+    pub pacing_pressure: F64Gauge,
+    /// The store queue fill the pacer holds to (`pacing.target_queue_fill`).
+    pub pacing_target_fill: F64Gauge,
+    /// Times pacing began.
+    pub pacing_episodes: Counter,
     /// WebSocket clients of the live feed now.
     pub live_clients: Gauge,
     /// Live messages a slow WebSocket client missed (it was told, and went on from live).
@@ -229,9 +243,21 @@ impl Metrics {
         let pacing = F64Gauge::default();
         r.register_with_unit(
             "pacing_report_interval",
-            "Report interval devices are asked to keep now (0: no limit)",
+            "Report interval paced devices are asked to keep now (0: no limit)",
             Unit::Seconds,
             pacing.clone(),
+        );
+        let pressure = F64Gauge::default();
+        r.register(
+            "pacing_pressure",
+            "The pacer's pressure: 1 at a target (queue fill, commit wait, MQTT backlog)",
+            pressure.clone(),
+        );
+        let target_fill = F64Gauge::default();
+        r.register(
+            "pacing_target_queue_fill",
+            "The store queue fill the pacer holds to",
+            target_fill.clone(),
         );
         Self {
             connections: labelled(
@@ -268,6 +294,24 @@ impl Metrics {
                 "Time one batch commit took",
                 Some(Unit::Seconds),
                 exponential_buckets(0.0001, 2.0, 16),
+            ),
+            checkpoints: counter(
+                r,
+                "store_checkpoints",
+                "WAL checkpoints run (on their own thread, never inside a commit)",
+            ),
+            checkpoint_seconds: histogram(
+                r,
+                "store_checkpoint",
+                "Time one WAL checkpoint took",
+                Some(Unit::Seconds),
+                exponential_buckets(0.0001, 2.0, 16),
+            ),
+            wal_frames: gauge(
+                r,
+                "store_wal_pages",
+                "Pages in the WAL at the last checkpoint",
+                None,
             ),
             ack_latency: histogram(
                 r,
@@ -364,6 +408,10 @@ impl Metrics {
                 "Device TLS handshakes that failed or timed out",
             ),
             pacing_interval: pacing,
+            pacing_devices: gauge(r, "pacing_devices", "Devices paced now", None),
+            pacing_pressure: pressure,
+            pacing_target_fill: target_fill,
+            pacing_episodes: counter(r, "pacing_episodes", "Times pacing began"),
             live_clients: gauge(
                 r,
                 "live_clients",

@@ -43,6 +43,8 @@ pub struct Online {
     pub info: LinkInfo,
     /// When anything was last received on it, Unix ms.
     pub last_seen_ms: i64,
+    /// The report interval the pacer asked of it, ms (0: none).
+    pub report_interval_ms: u32,
 }
 
 /// What a link and its registry entry share.
@@ -52,6 +54,8 @@ pub struct LinkState {
     pub last_seen_ms: AtomicI64,
     /// Set (before `ended` is cancelled) when an operator revoked the device.
     revoked: AtomicBool,
+    /// Its frame rate as the pacer sees it, and the interval it was asked to keep.
+    pub pace: crate::pacing::LinkPace,
 }
 
 impl LinkState {
@@ -97,7 +101,7 @@ impl Registry {
         let ended = CancellationToken::new();
         let state = Arc::new(LinkState {
             last_seen_ms: AtomicI64::new(info.connected_ms),
-            revoked: AtomicBool::new(false),
+            ..LinkState::default()
         });
         let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let old = self.lock().insert(
@@ -162,7 +166,13 @@ impl Registry {
         self.lock().get(device).map(|e| Online {
             info: e.info.clone(),
             last_seen_ms: e.state.last_seen_ms.load(Ordering::Relaxed),
+            report_interval_ms: e.state.pace.interval_ms(),
         })
+    }
+
+    /// Every current link's shared state (for the pacer).
+    pub fn pace_states(&self) -> Vec<Arc<LinkState>> {
+        self.lock().values().map(|e| e.state.clone()).collect()
     }
 
     /// How many devices have a link now.

@@ -76,8 +76,7 @@ impl Gateway {
                 "bench",
                 // The benches measure the gateway's capacity: devices that slow down when
                 // asked would measure the pacing instead.
-                "--slow-report-interval",
-                "0s",
+                "--no-pacing",
                 // The HTTP API is on by default, so it is on here too (with nobody using it
                 // unless the bench says so).
                 "--http",

@@ -50,6 +50,8 @@ pub struct Device {
     pub created_at_ms: i64,
     /// When its current link said Hello, Unix ms.
     pub connected_ms: Option<i64>,
+    /// The report interval the pacer asks of its current link, ms (0: none; null offline).
+    pub report_interval_ms: Option<u32>,
 }
 
 fn render(record: &DeviceRecord, online: Option<Online>) -> Device {
@@ -82,6 +84,7 @@ fn render(record: &DeviceRecord, online: Option<Online>) -> Device {
         revoked_at_ms: record.revoked_at_ms,
         provisioned: record.has_token,
         created_at_ms: record.created_at_ms,
+        report_interval_ms: online.as_ref().map(|o| o.report_interval_ms),
         connected_ms: online.map(|o| o.info.connected_ms),
     }
 }

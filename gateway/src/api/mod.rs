@@ -34,7 +34,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use sqlx::SqlitePool;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::Desk;
@@ -64,7 +63,7 @@ pub struct ApiState {
     /// Whether the MQTT bridge runs.
     pub mqtt_enabled: bool,
     /// The report interval devices are asked to keep (ms, 0: none).
-    pub pace: watch::Receiver<u32>,
+    pub pace: Arc<crate::pacing::PaceStatus>,
     /// Most live-feed clients at once.
     pub max_live_clients: usize,
     /// Ping interval of live-feed clients.

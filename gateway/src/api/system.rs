@@ -34,13 +34,26 @@ pub struct Uplink {
     pub published: u64,
 }
 
-/// Pacing of devices.
+/// Pacing of devices: what the pacer decided and what it measured.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Pacing {
-    /// `normal`, or `slowing` while devices are asked to report less often.
+    /// `normal`, `slowing` while the heaviest senders are asked to report less often, or
+    /// `off` (`pacing.enabled = false`).
     pub state: String,
-    /// The report interval devices are asked to keep, ms (0: none).
+    /// The report interval paced devices are asked to keep, ms (0: none).
     pub report_interval_ms: u32,
+    /// Devices paced now.
+    pub devices_paced: u64,
+    /// Pressure: 1 at a target (queue fill, commit wait, MQTT backlog), above it over.
+    pub pressure: f64,
+    /// Store writer queue fill now, 0 to 1.
+    pub queue_fill: f64,
+    /// The fill the pacer holds the queue to.
+    pub target_queue_fill: f64,
+    /// The longest a frame waited for its commit in the last quarter second, ms.
+    pub commit_wait_ms: u64,
+    /// The commit wait the pacer keeps under, ms.
+    pub target_ack_latency_ms: u64,
 }
 
 /// `/healthz`.
@@ -76,10 +89,22 @@ fn uplink(state: &ApiState) -> Uplink {
 }
 
 fn pacing(state: &ApiState) -> Pacing {
-    let ms = *state.pace.borrow();
+    let p = &state.pace;
+    let ms = p.interval_ms();
     Pacing {
-        state: if ms == 0 { "normal" } else { "slowing" }.into(),
+        state: match (p.enabled, ms) {
+            (false, _) => "off",
+            (true, 0) => "normal",
+            (true, _) => "slowing",
+        }
+        .into(),
         report_interval_ms: ms,
+        devices_paced: p.devices(),
+        pressure: (p.pressure() * 1000.0).round() / 1000.0,
+        queue_fill: state.metrics.store_queue_fill.get(),
+        target_queue_fill: p.target_queue_fill,
+        commit_wait_ms: p.wait_ms(),
+        target_ack_latency_ms: p.target_ack_latency_ms,
     }
 }
 

@@ -192,25 +192,25 @@ async fn say_goodbye(
     .await;
 }
 
-/// Deletes acknowledged outbox rows, at most every 50 ms, until the watermark's sender is
-/// dropped (after a last deletion).
+/// Hands what the broker acknowledged to the writer, which deletes those outbox rows between
+/// its batches, at most every 50 ms, until the watermark's sender is dropped. Once the writer
+/// has stopped (gateway shutdown), deletes them itself: no writer is left to contend with.
 async fn cursor_task(ctx: Arc<Context>, mut watermark: watch::Receiver<i64>, start: i64) {
-    let mut deleted = start;
+    let mut confirmed = start;
     loop {
         let closed = watermark.changed().await.is_err();
         if !closed {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let upto = *watermark.borrow_and_update();
-        if upto > deleted {
-            match outbox::delete_upto(ctx.pool(), upto).await {
-                Ok((rows, bytes)) => {
-                    ctx.backlog.removed(bytes);
-                    ctx.metrics.uplink_published.inc_by(rows);
-                    deleted = upto;
-                }
-                Err(e) => {
-                    error!(error = %e, "advancing the MQTT cursor failed; rows will be published again")
+        if upto > confirmed {
+            confirmed = upto;
+            if !ctx.backlog.confirm(upto) {
+                match outbox::delete_upto(ctx.pool(), upto).await {
+                    Ok((rows, bytes)) => ctx.backlog.published(rows, bytes),
+                    Err(e) => {
+                        error!(error = %e, "advancing the MQTT cursor failed; rows will be published again")
+                    }
                 }
             }
         }

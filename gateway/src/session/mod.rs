@@ -73,9 +73,6 @@ pub struct Shared {
     /// Where each authenticated Hello is recorded for the device list (bounded; a full
     /// queue skips the record, which is informational: the next Hello writes it again).
     pub hellos: tokio::sync::mpsc::Sender<HelloRecord>,
-    /// The report interval devices are asked to keep, in ms (0: no limit); see
-    /// [`crate::app`]'s pacer. Each session sends a `ConfigUpdate` when it changes.
-    pub pace: tokio::sync::watch::Receiver<u32>,
     /// Failed links per source address; refuses an address after a burst.
     pub guard: Arc<crate::anomaly::traffic::Guard>,
 }

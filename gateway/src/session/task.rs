@@ -437,7 +437,8 @@ impl Session<'_> {
                 warn!(error = %e, "loading waiting commands failed; they are delivered at the next connection")
             }
         }
-        let mut pace = self.shared.pace.clone();
+        let pace = registration.state.clone();
+        let mut told_interval = 0;
         let (ack_tx, mut acks) = watch::channel(Durable::default());
         let ack_tx = Arc::new(ack_tx);
         let idle_timeout = self.shared.config.idle_timeout;
@@ -463,9 +464,13 @@ impl Session<'_> {
                         return Ended::Closed(closed);
                     }
                 }
-                // Also fires right away when the pace changed before this session began.
-                Ok(()) = pace.changed() => {
-                    let ms = *pace.borrow_and_update();
+                // The pacer changed this link's interval.
+                _ = pace.pace.changed.notified() => {
+                    let ms = pace.pace.interval_ms();
+                    if ms == told_interval {
+                        continue;
+                    }
+                    told_interval = ms;
                     let update = message(gateway_message::Body::ConfigUpdate(ConfigUpdate {
                         min_report_interval_ms: ms,
                     }));
@@ -498,6 +503,7 @@ impl Session<'_> {
                     registration.state.last_seen_ms.store(received_ms, Ordering::Relaxed);
                     match self.state.on_message(msg, received_ms as u64) {
                         Step::Store { seq, body } => {
+                            pace.pace.frame();
                             let frame = WriteFrame {
                                 device: device.clone(),
                                 epoch,

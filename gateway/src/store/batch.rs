@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::outbox::{row_cost, Kind};
 use super::writer::{FrameBody, WriteFrame};
@@ -209,7 +209,9 @@ impl Batcher {
     /// series (per device for events) on the primary key, so a step costs what it deletes
     /// plus one seek per series. Open commands stay.
     pub fn prune(&mut self, cutoff_ms: i64, max_rows: i64) -> Result<Pruned, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let readings = tx
             .prepare_cached(
                 "DELETE FROM readings WHERE (series, ts_ms, stream, seq, idx) IN \
@@ -250,7 +252,9 @@ impl Batcher {
     /// its end), and queues each for the MQTT bridge, in one transaction; returns the bytes
     /// added to the outbox.
     pub fn record_anomalies(&mut self, rows: &[Arc<payload::Anomaly>]) -> Result<u64, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut bytes = 0;
         {
             let mut insert = tx.prepare_cached(
@@ -297,6 +301,28 @@ impl Batcher {
         Ok(bytes)
     }
 
+    /// Deletes the outbox rows the broker has (every id up to `upto`), in one transaction;
+    /// returns (rows, cost).
+    pub fn delete_published(&mut self, upto: i64) -> Result<(u64, u64), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (mut rows, mut bytes) = (0, 0);
+        {
+            let mut stmt = tx.prepare_cached(&format!(
+                "DELETE FROM outbox WHERE id <= ?1 RETURNING {}",
+                super::outbox::ROW_COST_SQL
+            ))?;
+            let costs = stmt.query_map([upto], |r| r.get::<_, i64>(0))?;
+            for cost in costs {
+                rows += 1;
+                bytes += cost?.max(0) as u64;
+            }
+        }
+        tx.commit()?;
+        Ok((rows, bytes))
+    }
+
     /// Deletes the oldest `n` outbox rows (the `drop-oldest` policy); returns (rows, cost).
     pub fn drop_oldest(&mut self, n: i64) -> Result<(u64, u64), StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!(
@@ -327,7 +353,9 @@ impl Batcher {
         pending.clear();
         kept.clear();
         let mut stored = Stored::default();
-        let tx = conn.transaction()?;
+        // IMMEDIATE: the write lock is taken at BEGIN (waiting on the busy handler if another
+        // connection holds it), never refused mid-transaction as a stale read snapshot would be.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut reading = tx.prepare_cached(
                 "INSERT INTO readings (series, ts_ms, stream, seq, idx, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

@@ -7,6 +7,7 @@
 //! keys; users read the `telemetry` and `events` views.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod commands;
 pub mod devices;
 pub mod outbox;
@@ -67,13 +68,13 @@ pub struct Store {
 
 /// Page cache, mmap and checkpoint settings of every connection, as (pragma, value).
 /// Inserts spread over every (device, sensor) series touch many leaf pages per commit: keep
-/// them cached instead of re-reading them, read through mmap, and let the WAL grow to ~40 MB
-/// between checkpoints so a hot page is copied back once per checkpoint rather than once per
-/// commit.
+/// them cached instead of re-reading them, and read through mmap. No connection checkpoints
+/// inside its commits: [`checkpoint`] does it on a thread of its own, so no ack waits for a
+/// checkpoint's fsyncs.
 pub const PRAGMAS: &[(&str, &str)] = &[
     ("cache_size", "-65536"),
     ("mmap_size", "268435456"),
-    ("wal_autocheckpoint", "10000"),
+    ("wal_autocheckpoint", "0"),
 ];
 
 /// [`PRAGMAS`] as SQL, with WAL on.
@@ -142,6 +143,14 @@ impl Store {
     /// The pool for reads and administration.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Starts the WAL checkpointer on a connection of its own.
+    pub fn checkpointer(
+        &self,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Result<checkpoint::Checkpointer, StoreError> {
+        checkpoint::Checkpointer::start(&self.path, self.durability, metrics)
     }
 
     /// A connection of its own for the store writer.

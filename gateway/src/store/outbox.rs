@@ -2,11 +2,13 @@
 //!
 //! The store writer adds rows in the same transaction as the readings they carry, so a frame
 //! acknowledged to a device is also durably queued for the broker. The bridge reads rows past
-//! its position, and deletes them once the broker has acknowledged everything up to them:
-//! the smallest id left is the durable cursor. [`Backlog`] keeps the unpublished size in
+//! its position; once the broker has acknowledged everything up to a row, the bridge
+//! [`Backlog::confirm`]s it and the writer deletes those rows between its batches (one
+//! writer: no second connection contends for SQLite's write lock while acks wait). The
+//! smallest id left is the durable cursor. [`Backlog`] keeps the unpublished size in
 //! memory and applies the disk budget's policy (slow the devices, or drop the oldest).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use sqlx::{SqliteConnection, SqlitePool};
@@ -80,8 +82,12 @@ pub struct Backlog {
     metrics: Arc<Metrics>,
     /// Notified when rows are added (the bridge waits on it).
     pub added: Notify,
-    /// Notified when rows are removed (the writer waits on it under `slow`).
-    pub freed: Notify,
+    /// Highest outbox id the broker has acknowledged, with every id below it.
+    confirmed: AtomicI64,
+    /// Notified when `confirmed` rises (the writer deletes up to it).
+    pub confirmed_rose: Notify,
+    /// Set when the writer stops: the bridge then deletes what it confirms itself.
+    writer_stopped: AtomicBool,
 }
 
 impl Backlog {
@@ -104,7 +110,9 @@ impl Backlog {
             policy,
             metrics,
             added: Notify::new(),
-            freed: Notify::new(),
+            confirmed: AtomicI64::new(0),
+            confirmed_rose: Notify::new(),
+            writer_stopped: AtomicBool::new(false),
         })
     }
 
@@ -146,7 +154,33 @@ impl Backlog {
         self.metrics
             .uplink_backlog_bytes
             .set(before.saturating_sub(bytes) as i64);
-        self.freed.notify_waiters();
+    }
+
+    /// The broker has every row up to `upto`. Returns whether the writer will delete them
+    /// (false once it has stopped: the caller deletes them itself).
+    pub fn confirm(&self, upto: i64) -> bool {
+        // SeqCst with `stop_writer`: either the writer's last pass sees this id, or this
+        // caller sees that the writer stopped (deleting twice is harmless).
+        self.confirmed.fetch_max(upto, Ordering::SeqCst);
+        self.confirmed_rose.notify_one();
+        !self.writer_stopped.load(Ordering::SeqCst)
+    }
+
+    /// The highest id confirmed so far.
+    pub fn confirmed(&self) -> i64 {
+        self.confirmed.load(Ordering::SeqCst)
+    }
+
+    /// The writer is stopping: after its last deletion, confirmed rows are the bridge's to
+    /// delete.
+    pub fn stop_writer(&self) {
+        self.writer_stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// Rows the writer deleted up to a confirmed id: `rows` published rows worth `bytes`.
+    pub fn published(&self, rows: u64, bytes: u64) {
+        self.removed(bytes);
+        self.metrics.uplink_published.inc_by(rows);
     }
 
     /// `frames` unpublished rows were dropped by the `drop-oldest` policy.
@@ -217,7 +251,8 @@ pub async fn cursor(pool: &SqlitePool) -> Result<i64, StoreError> {
 }
 
 /// Deletes every row up to and including `upto` (the broker has them); returns (rows,
-/// cost).
+/// cost). The writer does this while it runs ([`Backlog::confirm`]); the bridge only after
+/// the writer has stopped.
 pub async fn delete_upto(pool: &SqlitePool, upto: i64) -> Result<(u64, u64), StoreError> {
     let costs: Vec<i64> = sqlx::query_scalar(&format!(
         "DELETE FROM outbox WHERE id <= ? RETURNING {ROW_COST_SQL}"

@@ -15,6 +15,11 @@
 //! socket and the device slows down; nothing is dropped. When the MQTT backlog reaches its
 //! budget, the writer either stops taking frames until the bridge frees space (`slow`) or
 //! drops the oldest unpublished outbox rows after each commit (`drop-oldest`).
+//!
+//! The writer is also the only connection that deletes published outbox rows (what the
+//! bridge [`Backlog::confirm`]s, at most every [`CURSOR_EVERY`]) and it never checkpoints:
+//! [`super::checkpoint`] does that on its own thread. So nothing an ack waits for fsyncs
+//! (under `durability = "process-crash"`) or waits for a second writer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +27,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::batch::{Batcher, Pruned};
+use super::checkpoint::CheckpointHandle;
 use super::outbox::Backlog;
 use crate::config::BacklogPolicy;
 use crate::live::{Batch, Committed, Hub, LiveEvent};
@@ -72,6 +78,8 @@ pub struct WriteFrame {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<WriteFrame>,
+    /// The longest a frame waited for its commit since the pacer last looked, ms.
+    max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl WriterHandle {
@@ -84,14 +92,23 @@ impl WriterHandle {
     /// Watches how full the queue is without keeping the writer alive (it stops when the
     /// last handle is dropped).
     pub fn probe(&self) -> QueueProbe {
-        QueueProbe(self.tx.downgrade())
+        QueueProbe(self.tx.downgrade(), self.max_wait_ms.clone())
     }
 }
 
-/// How full the queue to the writer is (see [`WriterHandle::probe`]).
-pub struct QueueProbe(mpsc::WeakSender<WriteFrame>);
+/// How full the queue to the writer is, and how long frames wait in it (see
+/// [`WriterHandle::probe`]).
+pub struct QueueProbe(
+    mpsc::WeakSender<WriteFrame>,
+    Arc<std::sync::atomic::AtomicU64>,
+);
 
 impl QueueProbe {
+    /// The longest a frame waited from its arrival to its commit since the last call.
+    pub fn take_max_wait(&self) -> Duration {
+        Duration::from_millis(self.1.swap(0, std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// 0 (empty) to 1 (full); `None` once the writer has stopped.
     pub fn fill(&self) -> Option<f64> {
         let tx = self.0.upgrade()?;
@@ -110,23 +127,50 @@ pub struct WriterStopped;
 /// never wait for the writer.
 pub type AnomalySender = mpsc::Sender<Arc<crate::payload::Anomaly>>;
 
+/// What the writer is started with besides its connection.
+pub struct WriterParts {
+    /// `store.queue_frames`.
+    pub queue_frames: usize,
+    /// `store.batch_max_frames`.
+    pub batch_max_frames: usize,
+    /// With a backlog, frames are also queued in the outbox for the MQTT bridge.
+    pub backlog: Option<Arc<Backlog>>,
+    /// `store.retention`.
+    pub retention: Option<Duration>,
+    /// Where batches, failures and the cursor are counted.
+    pub metrics: Arc<Metrics>,
+    /// Where committed batches are announced.
+    pub hub: Hub,
+    /// Findings of the detector, written between batches in their own small transaction.
+    pub anomalies: mpsc::Receiver<Arc<crate::payload::Anomaly>>,
+    /// Told how much was written, to checkpoint the WAL off this thread.
+    pub checkpoint: Option<CheckpointHandle>,
+}
+
 /// Starts the writer on `conn`, on a blocking thread of its own (its SQLite calls are
-/// synchronous). With `backlog`, frames are also queued in the outbox for the MQTT bridge. It
-/// runs until every [`WriterHandle`] is dropped, then commits what is queued and returns.
-/// Anomalies from `anomalies` are written between batches, in their own small transaction.
-#[allow(clippy::too_many_arguments)]
+/// synchronous). It runs until every [`WriterHandle`] is dropped, then commits what is
+/// queued and returns.
 pub fn spawn(
     conn: rusqlite::Connection,
-    queue_frames: usize,
-    batch_max_frames: usize,
-    backlog: Option<Arc<Backlog>>,
-    retention: Option<Duration>,
-    metrics: Arc<Metrics>,
-    hub: Hub,
-    anomalies: mpsc::Receiver<Arc<crate::payload::Anomaly>>,
+    parts: WriterParts,
 ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
+    let WriterParts {
+        queue_frames,
+        batch_max_frames,
+        backlog,
+        retention,
+        metrics,
+        hub,
+        anomalies,
+        checkpoint,
+    } = parts;
     let (tx, rx) = mpsc::channel(queue_frames);
+    let max_wait_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = Writer {
+        max_wait_ms: max_wait_ms.clone(),
+        checkpoint,
+        cursor_deleted: 0,
+        cursor_at: std::time::Instant::now(),
         anomalies,
         anomalies_open: true,
         batcher: Batcher::new(conn, backlog.is_some()),
@@ -140,11 +184,19 @@ pub fn spawn(
     let runtime = tokio::runtime::Handle::current();
     let task =
         tokio::task::spawn_blocking(move || runtime.block_on(writer.run(rx, batch_max_frames)));
-    (WriterHandle { tx }, task)
+    (WriterHandle { tx, max_wait_ms }, task)
 }
 
 struct Writer {
     batcher: Batcher,
+    /// Longest arrival-to-commit time since the pacer last looked, ms.
+    max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Wakes the checkpointer once enough was written.
+    checkpoint: Option<CheckpointHandle>,
+    /// Outbox rows up to this id are deleted.
+    cursor_deleted: i64,
+    /// When the cursor last moved.
+    cursor_at: std::time::Instant,
     /// Findings of the detector, written between batches.
     anomalies: mpsc::Receiver<Arc<crate::payload::Anomaly>>,
     /// Whether the detector may still send (false once it has stopped).
@@ -168,6 +220,9 @@ const PRUNE_STEP_ROWS: i64 = 20_000;
 const PRUNE_BUSY: Duration = Duration::from_millis(100);
 /// Longest pause between retention passes.
 const PRUNE_IDLE_MAX: Duration = Duration::from_secs(60);
+/// Under load, published outbox rows are deleted at most this often (one short transaction
+/// between batches); when idle, as soon as the bridge confirms them.
+pub const CURSOR_EVERY: Duration = Duration::from_millis(50);
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<WriteFrame>, batch_max_frames: usize) {
@@ -183,9 +238,15 @@ impl Writer {
                 }
             }
             self.record_anomalies();
+            self.advance_cursor(false);
+            let backlog = self.backlog.clone();
             let received = tokio::select! {
                 n = rx.recv_many(&mut batch, batch_max_frames) => n,
                 _ = tokio::time::sleep_until(prune_at), if self.retention.is_some() => continue,
+                _ = confirmed_rose(backlog.as_deref()) => {
+                    self.advance_cursor(true);
+                    continue;
+                }
                 a = self.anomalies.recv(), if self.anomalies_open => {
                     match a {
                         Some(a) => self.record(vec![a]),
@@ -208,6 +269,13 @@ impl Writer {
                     );
                     if let Some(backlog) = &self.backlog {
                         backlog.added(stored.outbox_bytes);
+                    }
+                    self.wrote(stored.readings + stored.frames);
+                    // The batch is in arrival order: its first frame waited longest.
+                    if let Some(first) = batch.first() {
+                        let waited = super::now_ms().saturating_sub(first.received_ms).max(0);
+                        self.max_wait_ms
+                            .fetch_max(waited as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                     for frame in &batch {
                         frame.acks.send_if_modified(|d| {
@@ -234,7 +302,39 @@ impl Writer {
             }
             batch.clear();
         }
+        if let Some(backlog) = &self.backlog {
+            backlog.stop_writer();
+        }
+        self.advance_cursor(true);
         tracing::debug!("store writer drained and stopped");
+    }
+
+    /// Tells the checkpointer about rows written.
+    fn wrote(&self, rows: u64) {
+        if let Some(c) = &self.checkpoint {
+            c.wrote(rows);
+        }
+    }
+
+    /// Deletes the outbox rows the broker has confirmed (unless done less than
+    /// [`CURSOR_EVERY`] ago and not `now`).
+    fn advance_cursor(&mut self, now: bool) {
+        let Some(backlog) = &self.backlog else { return };
+        let upto = backlog.confirmed();
+        if upto <= self.cursor_deleted || (!now && self.cursor_at.elapsed() < CURSOR_EVERY) {
+            return;
+        }
+        self.cursor_at = std::time::Instant::now();
+        match self.batcher.delete_published(upto) {
+            Ok((rows, bytes)) => {
+                backlog.published(rows, bytes);
+                self.cursor_deleted = upto;
+                self.wrote(rows);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "advancing the MQTT cursor failed; retrying")
+            }
+        }
     }
 
     /// Writes the anomalies waiting (never more than a bounded slice per turn).
@@ -257,6 +357,7 @@ impl Writer {
                 if let Some(backlog) = &self.backlog {
                     backlog.added(bytes);
                 }
+                self.wrote(rows.len() as u64);
                 for a in rows {
                     self.hub.publish(LiveEvent::Anomaly(a));
                 }
@@ -303,6 +404,7 @@ impl Writer {
         match self.batcher.prune(cutoff, PRUNE_STEP_ROWS) {
             Ok(step) => {
                 self.metrics.rows_pruned.inc_by(step.total());
+                self.wrote(step.total());
                 self.pruned.readings += step.readings;
                 self.pruned.events += step.events;
                 self.pruned.commands += step.commands;
@@ -338,8 +440,10 @@ impl Writer {
     /// `slow` policy: while the backlog is over budget, take no frames (sessions block, so
     /// devices slow down) until the bridge has brought it under three quarters of the budget
     /// (hysteresis, so a sustained load does not flap at the edge).
-    async fn wait_for_backlog_room(&self) {
-        let Some(backlog) = &self.backlog else { return };
+    async fn wait_for_backlog_room(&mut self) {
+        let Some(backlog) = self.backlog.clone() else {
+            return;
+        };
         if backlog.policy() != BacklogPolicy::Slow || !backlog.over_budget() {
             return;
         }
@@ -350,13 +454,15 @@ impl Writer {
             "uplink backlog reached its budget: slowing devices until the broker catches up"
         );
         let resume = backlog.budget() / 4 * 3;
-        while backlog.bytes() > resume {
-            let freed = backlog.freed.notified();
+        loop {
+            // This writer deletes what the broker confirmed, so it frees the room itself.
+            let rose = backlog.confirmed_rose.notified();
+            self.advance_cursor(true);
             if backlog.bytes() <= resume {
                 break;
             }
             // Also re-check now and then in case a notification raced the check above.
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), freed).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), rose).await;
         }
         backlog.set_full(false);
         tracing::info!(
@@ -411,5 +517,13 @@ impl Writer {
                 }
             }
         }
+    }
+}
+
+/// Resolves when the bridge confirms more published rows (never without a bridge).
+async fn confirmed_rose(backlog: Option<&Backlog>) {
+    match backlog {
+        Some(b) => b.confirmed_rose.notified().await,
+        None => std::future::pending().await,
     }
 }

@@ -114,7 +114,10 @@ async function pollStats() {
   const m = stats.mqtt;
   $("#mqtt").textContent = !m.enabled ? "off" : `${m.connected ? "connected" : "disconnected"}, ${fmt(m.backlog_rows)} queued`;
   $("#queue").textContent = `${Math.round(stats.store_queue_fill * 100)} %`;
-  $("#pacing").textContent = stats.pacing.state === "normal" ? "normal" : `slowing (${stats.pacing.report_interval_ms / 1000} s)`;
+  const pacing = stats.pacing;
+  $("#pacing").textContent = pacing.state === "slowing"
+    ? `slowing ${pacing.devices_paced} device(s) to 1 frame / ${pacing.report_interval_ms} ms`
+    : pacing.state;
   $("#errors").textContent = String(errorsMinute);
   $("#anomalies").textContent = stats.anomalies_total != null ? String(stats.anomalies_total) : "n/a";
 
