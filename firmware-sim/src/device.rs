@@ -554,17 +554,19 @@ impl Device {
         let due = self.ticks_due();
         let room = (self.spec.max_frame_readings / per_tick).max(1) as u64;
         let mut readings = Vec::with_capacity(due.min(room) as usize * per_tick);
-        for i in 0..due {
-            let keep = due - i <= room;
+        let take = due.min(room);
+        if due > take {
+            // The oldest samples do not fit the frame: the device drops them (its buffer is
+            // one frame) and its clock moves on.
+            let dropped = (due - take) * per_tick as u64;
+            self.tick += due - take;
+            self.outcome.readings_produced += dropped;
+            self.outcome.readings_dropped += dropped;
+        }
+        for _ in 0..take {
             let start = readings.len();
             self.sample(&mut readings);
-            let n = (readings.len() - start) as u64;
-            self.outcome.readings_produced += n;
-            if !keep {
-                // The oldest samples do not fit the frame: the device drops them.
-                readings.truncate(start);
-                self.outcome.readings_dropped += n;
-            }
+            self.outcome.readings_produced += (readings.len() - start) as u64;
         }
         if readings.is_empty() {
             return None;

@@ -190,7 +190,7 @@ struct ProxyArgs {
 #[derive(clap::Args)]
 struct BenchArgs {
     /// Scenarios to run (default: all): ingest, latency, uplink, replay, connections, cold-start,
-    /// api.
+    /// api, anomaly, overload, fairness.
     scenarios: Vec<String>,
     /// The gateway binary, built with --release.
     #[arg(long, default_value = "target/release/gateway")]
@@ -210,6 +210,10 @@ struct BenchArgs {
     /// Readings in the store for `cold-start`.
     #[arg(long, default_value_t = 10_000_000)]
     cold_start_readings: u64,
+    /// `ingest` runs the gateway and the SQLite ceiling this many times each, interleaved,
+    /// and reports medians and spreads.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Print one JSON object per scenario per line.
     #[arg(long)]
     json: bool,
@@ -752,6 +756,7 @@ fn bench(args: BenchArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         connections: args.connections.max(1),
         replay_outage: args.replay_outage.max(0.5),
         cold_start_readings: args.cold_start_readings,
+        rounds: args.rounds.max(1),
         ..Default::default()
     };
     let json = args.json;

@@ -137,7 +137,8 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     let detector = if config.anomaly.enabled {
         let detector = Detector::new(
             config.anomaly.clone(),
-            store.pool().clone(),
+            // Its warm-up reads recent readings of every new series: a pool of its own.
+            store.side_pool(1),
             anomaly_tx,
             metrics.clone(),
         )
@@ -156,6 +157,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         writer::WriterParts {
             queue_frames: config.store.queue_frames,
             batch_max_frames: config.store.batch_max_frames,
+            queue_readings: config.store.queue_readings,
             backlog: backlog.clone(),
             retention: config.store.retention,
             metrics: metrics.clone(),

@@ -275,6 +275,10 @@ pub struct StoreConfig {
     /// Frames waiting for the writer, across all devices. Default 8192. When full, sessions
     /// wait to enqueue and so stop reading their sockets: devices are slowed, never dropped.
     pub queue_frames: usize,
+    /// Readings waiting for the writer, across all devices. Default 65536 (about a sixth of
+    /// a second of the writer's work on the reference machine). Big frames (a paced device
+    /// batches its samples) fill it before `queue_frames` does; full, it waits the same way.
+    pub queue_readings: usize,
     /// Keep readings and events this long, by their timestamp (e.g. "30d"), and finished
     /// commands and ended anomalies this long after their outcome or decision; older ones
     /// are deleted by the writer in small steps between batches. At least 1 minute.
@@ -290,6 +294,7 @@ impl Default for StoreConfig {
             durability: Durability::ProcessCrash,
             batch_max_frames: 2048,
             queue_frames: 8192,
+            queue_readings: 65_536,
             retention: None,
         }
     }
@@ -677,6 +682,12 @@ impl Config {
         }
         if self.store.queue_frames < 1 {
             return Err(invalid("store.queue_frames", "must be at least 1"));
+        }
+        if !(1024..=(u32::MAX as usize >> 3)).contains(&self.store.queue_readings) {
+            return Err(invalid(
+                "store.queue_readings",
+                "must be between 1024 and 536870911",
+            ));
         }
         self.pacing
             .validate()

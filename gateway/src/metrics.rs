@@ -55,6 +55,9 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// WAL checkpoints run (on their own thread, never in a commit).
     pub checkpoints: Counter,
+    /// Checkpoints the writer finished itself between batches (the WAL had outgrown its
+    /// soft bound under a sustained load).
+    pub writer_checkpoints: Counter,
     /// Time one WAL checkpoint took.
     pub checkpoint_seconds: Histogram,
     /// Pages in the WAL at the last checkpoint.
@@ -63,6 +66,8 @@ pub struct Metrics {
     pub ack_latency: Histogram,
     /// How full the store writer's queue is, 0 to 1.
     pub store_queue_fill: F64Gauge,
+    /// Frames that found the store queue full (their session waited: backpressure).
+    pub store_queue_full: Counter,
     /// Size of the SQLite files (database and WAL).
     pub store_bytes: Gauge,
     /// Outbox rows the broker acknowledged (and the cursor passed).
@@ -300,6 +305,11 @@ impl Metrics {
                 "store_checkpoints",
                 "WAL checkpoints run (on their own thread, never inside a commit)",
             ),
+            writer_checkpoints: counter(
+                r,
+                "store_writer_checkpoints",
+                "WAL checkpoints the writer finished between batches (WAL over its soft bound)",
+            ),
             checkpoint_seconds: histogram(
                 r,
                 "store_checkpoint",
@@ -321,6 +331,11 @@ impl Metrics {
                 exponential_buckets(0.0001, 2.0, 16),
             ),
             store_queue_fill: queue_fill,
+            store_queue_full: counter(
+                r,
+                "store_queue_full",
+                "Frames that found the store queue full (their link waited: backpressure)",
+            ),
             store_bytes: gauge(
                 r,
                 "store_size",

@@ -9,7 +9,10 @@
 //! are not touched; devices at or over it get the interval `1 / level` (max-min fairness:
 //! a flooding device is slowed first, and a quiet one not at all).
 //!
-//! - pressure over 1: the level falls in proportion (at most halving per tick);
+//! - pressure over 1: the devices together are admitted a share of what the writer served
+//!   over the last second, less the further over the target (the level at most halves per
+//!   tick); while what arrives already fits that share, the level holds (the queue is
+//!   draining what came before);
 //! - pressure under [`LIFT_BELOW`]: the level rises by [`LIFT_STEP`] per tick (gradually),
 //!   and by [`LIFT_NEAR`] once near the level where it last had to cut;
 //! - in between: it holds, so the loop settles instead of swinging between "10 s" and "0".
@@ -48,6 +51,10 @@ const CALM_TICKS_TO_END: u32 = 8;
 const PACED_SHARE: f64 = 0.5;
 /// A paced device is told again only when its interval changes by more than this share.
 const RETELL_SHARE: f64 = 0.1;
+/// Queue fill at which sessions wait for room (backpressure is holding devices back).
+const BLOCKED_FILL: f64 = 0.9;
+/// Ticks over which the writer's served rate is averaged (one second).
+const SERVED_WINDOW: usize = 4;
 /// Share of the MQTT backlog budget that counts as pressure 1.
 const BACKLOG_TARGET: f64 = 0.5;
 
@@ -154,13 +161,15 @@ impl PaceStatus {
 pub struct Measure {
     /// Store queue fill, 0 to 1.
     pub fill: f64,
-    /// Longest commit wait in the tick, seconds.
-    pub wait_s: f64,
+    /// Time the writer needs for what is queued (queued readings over the readings it
+    /// served lately), seconds: the wait a frame arriving now can expect.
+    pub drain_s: f64,
     /// MQTT backlog bytes over its budget (0 without MQTT).
     pub backlog: f64,
     /// Whether the backlog is at its budget (its policy applies).
     pub backlog_full: bool,
-    /// Frames/s the writer committed (smoothed): its capacity while the queue is not empty.
+    /// Frames/s the writer committed over the last second: its capacity while the queue is
+    /// not empty.
     pub served: f64,
 }
 
@@ -206,7 +215,7 @@ impl Controller {
     /// Pressure of `m`: 1.0 at a target, above it over.
     pub fn pressure(&self, m: &Measure) -> f64 {
         let mut p = (m.fill / self.target_fill)
-            .max(m.wait_s / self.target_wait_s)
+            .max(m.drain_s / self.target_wait_s)
             .max(m.backlog / BACKLOG_TARGET);
         if m.backlog_full {
             p = p.max(2.0);
@@ -244,14 +253,25 @@ impl Controller {
             }
             None => {}
             Some(level) => {
-                let next = if p > 1.0 {
+                let inflow: f64 = rates.iter().sum();
+                let budget = m.served * (1.0 - 0.25 * (p - 1.0)).clamp(0.5, 0.95);
+                // Under backpressure (the queue full) sessions read less than devices send, so
+                // the inflow seen understates the load: no holding then.
+                let blocked = m.fill >= BLOCKED_FILL;
+                let next = if p > 1.0 && inflow <= budget && !blocked {
+                    // What arrives now fits: the queue is still draining what came before
+                    // (frames already in sockets and device windows). Cutting further would
+                    // only overshoot.
+                    level
+                } else if p > 1.0 {
                     // Never above the level (an unused allowance slows nobody).
                     // A fresh overshoot (not the continued drain of an old queue) says where
                     // the capacity is.
                     if !self.over {
                         self.last_cut = Some(level);
                     }
-                    admit().min(level)
+                    let floor = if blocked { 0.25 } else { 0.5 };
+                    admit().min(level).max(level * floor)
                 } else if p < LIFT_BELOW {
                     // Quickly back towards where it last had to cut, then slowly past it.
                     match self.last_cut {
@@ -322,7 +342,9 @@ pub async fn run(
     let mut last = tokio::time::Instant::now();
     let mut rates = Vec::new();
     let mut served_frames = metrics.frames_stored.get() + metrics.frames_duplicate.get();
-    let mut served = 0.0;
+    let mut recent_served = [0.0; SERVED_WINDOW];
+    let mut served_readings = metrics.readings_stored.get();
+    let mut recent_readings = [0.0; SERVED_WINDOW];
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -335,11 +357,22 @@ pub async fn run(
         let frames = metrics.frames_stored.get() + metrics.frames_duplicate.get();
         let served_now = frames.saturating_sub(served_frames) as f64 / dt;
         served_frames = frames;
-        served = 0.5 * served + 0.5 * served_now;
+        // What the writer did over the last second: one long commit makes a tick with
+        // nothing committed, not a writer that can do nothing; and frames grow while devices
+        // are paced, so older ticks would overstate the frames/s it can take now.
+        recent_served.rotate_left(1);
+        recent_served[SERVED_WINDOW - 1] = served_now;
+        let served = recent_served.iter().sum::<f64>() / SERVED_WINDOW as f64;
+        let readings = metrics.readings_stored.get();
+        recent_readings.rotate_left(1);
+        recent_readings[SERVED_WINDOW - 1] = readings.saturating_sub(served_readings) as f64 / dt;
+        served_readings = readings;
+        let readings_per_s = recent_readings.iter().sum::<f64>() / SERVED_WINDOW as f64;
+        let wait_s = queue.take_max_wait().as_secs_f64();
         let m = Measure {
             served,
             fill,
-            wait_s: queue.take_max_wait().as_secs_f64(),
+            drain_s: queue.queued_readings() as f64 / readings_per_s.max(1000.0),
             backlog: backlog
                 .as_ref()
                 .map_or(0.0, |b| b.bytes() as f64 / b.budget().max(1) as f64),
@@ -371,7 +404,7 @@ pub async fn run(
         status.pressure.store(pressure.to_bits(), Ordering::Relaxed);
         status
             .wait_ms
-            .store((m.wait_s * 1000.0) as u64, Ordering::Relaxed);
+            .store((wait_s * 1000.0) as u64, Ordering::Relaxed);
         metrics.pacing_interval.set(f64::from(interval) / 1000.0);
         metrics.pacing_devices.set(paced as i64);
         metrics.pacing_pressure.set(pressure);
@@ -381,7 +414,7 @@ pub async fn run(
                 tracing::warn!(
                     pressure = format_args!("{pressure:.2}"),
                     store_queue_fill = format_args!("{fill:.2}"),
-                    commit_wait_ms = (m.wait_s * 1000.0) as u64,
+                    queue_drain_ms = (m.drain_s * 1000.0) as u64,
                     backlog_full = m.backlog_full,
                     devices_paced = paced,
                     "falling behind: pacing devices that send over {l:.1} frames/s to one frame per {interval} ms (more readings per frame)"
@@ -452,7 +485,7 @@ mod tests {
 
     const CALM: Measure = Measure {
         fill: 0.0,
-        wait_s: 0.001,
+        drain_s: 0.001,
         backlog: 0.0,
         backlog_full: false,
         served: 1000.0,
@@ -504,7 +537,7 @@ mod tests {
             queue = (queue + (inflow - served) * dt).clamp(0.0, 8192.0);
             let m = Measure {
                 fill: queue / 8192.0,
-                wait_s: queue / capacity,
+                drain_s: queue / capacity,
                 served,
                 ..CALM
             };
@@ -556,7 +589,7 @@ mod tests {
         );
         assert!(
             c.pressure(&Measure {
-                wait_s: 0.2,
+                drain_s: 0.2,
                 ..CALM
             }) > 3.0
         );

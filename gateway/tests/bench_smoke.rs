@@ -23,6 +23,7 @@ async fn every_bench_scenario_produces_figures_and_loses_nothing() {
         connections: 200,
         replay_outage: 1.0,
         cold_start_readings: 20_000,
+        rounds: 2,
         ..BenchOptions::default()
     };
     let names: Vec<String> = bench::SCENARIOS
@@ -69,6 +70,16 @@ async fn every_bench_scenario_produces_figures_and_loses_nothing() {
                 assert!(o.extra["ws_messages"].as_u64().unwrap() > 0, "{o:?}");
                 assert!(o.extra["http_polls"].as_u64().unwrap() > 0, "{o:?}");
                 assert_eq!(o.extra["http_poll_errors"], 0, "{o:?}");
+            }
+            "overload" => {
+                assert!(o.readings_per_s > 0.0, "overload: readings flowed");
+                assert_eq!(o.extra["store_check_missing"], 0, "{o:?}");
+                assert_eq!(o.extra["store_check_duplicated"], 0, "{o:?}");
+                assert!(o.extra["readings_produced"].as_u64().unwrap() > 0, "{o:?}");
+            }
+            "fairness" => {
+                assert!(o.readings_per_s > 0.0, "fairness: the quiet devices flowed");
+                assert!(o.extra["heavy_acked_readings_per_s"].as_f64().unwrap() > 0.0);
             }
             "anomaly" => {
                 assert!(o.readings_per_s > 0.0, "anomaly: readings flowed");

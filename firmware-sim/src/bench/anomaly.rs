@@ -25,7 +25,7 @@ struct Run {
 }
 
 /// The value of the metric `name` (summed over its labels) in a Prometheus text page.
-fn metric(page: &str, name: &str) -> f64 {
+pub(crate) fn metric(page: &str, name: &str) -> f64 {
     page.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {

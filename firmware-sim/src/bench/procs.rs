@@ -57,8 +57,17 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
 }
 
 impl Gateway {
-    /// Starts `bin run` with its store in `dir` and `args`; waits until it listens.
+    /// Starts `bin run` with its store in `dir` and `args`, pacing off (the benches measure
+    /// capacity: devices that slow down when asked would measure the pacing instead); waits
+    /// until it listens.
     pub async fn start(bin: &Path, dir: &Path, args: &[String]) -> anyhow::Result<Self> {
+        let mut all = vec!["--no-pacing".to_owned()];
+        all.extend_from_slice(args);
+        Self::start_paced(bin, dir, &all).await
+    }
+
+    /// [`Gateway::start`] with the gateway's own pacing (its defaults).
+    pub async fn start_paced(bin: &Path, dir: &Path, args: &[String]) -> anyhow::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,9 +83,6 @@ impl Gateway {
                 "none",
                 "--gateway-id",
                 "bench",
-                // The benches measure the gateway's capacity: devices that slow down when
-                // asked would measure the pacing instead.
-                "--no-pacing",
                 // The HTTP API is on by default, so it is on here too (with nobody using it
                 // unless the bench says so).
                 "--http",

@@ -424,19 +424,13 @@ impl Session<'_> {
             return Ended::Closed(closed);
         }
         // Commands that waited for this device (at least once: one may also arrive through
-        // the registry; devices treat a repeated id as done).
-        match commands::open_for_device(&self.shared.pool, &device, now_ms()).await {
-            Ok(waiting) => {
-                for command in waiting {
-                    if let Err(closed) = self.deliver(link, &device, command).await {
-                        return Ended::Closed(closed);
-                    }
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "loading waiting commands failed; they are delivered at the next connection")
-            }
-        }
+        // the registry; devices treat a repeated id as done). Loaded beside the frame loop:
+        // a busy store must not keep the device's first frames unread.
+        let mut waiting = Some(tokio::spawn({
+            let pool = self.shared.pool.clone();
+            let device = device.clone();
+            async move { commands::open_for_device(&pool, &device, now_ms()).await }
+        }));
         let pace = registration.state.clone();
         let mut told_interval = 0;
         let (ack_tx, mut acks) = watch::channel(Durable::default());
@@ -476,6 +470,25 @@ impl Session<'_> {
                     }));
                     if let Err(closed) = self.send(link, update).await {
                         return Ended::Closed(closed);
+                    }
+                }
+                Some(loaded) = async {
+                    match waiting.as_mut() {
+                        Some(w) => Some(w.await),
+                        None => None,
+                    }
+                }, if waiting.is_some() => {
+                    waiting = None;
+                    match loaded {
+                        Ok(Ok(commands)) => {
+                            for command in commands {
+                                if let Err(closed) = self.deliver(link, &device, command).await {
+                                    return Ended::Closed(closed);
+                                }
+                            }
+                        }
+                        Ok(Err(e)) => warn!(error = %e, "loading waiting commands failed; they are delivered at the next connection"),
+                        Err(_) => {}
                     }
                 }
                 Some(command) = registration.commands.recv() => {

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use prost::Message;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
@@ -149,7 +148,7 @@ pub struct Batcher {
 /// Opens the writer's connection to the store at `path` (already migrated).
 pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.busy_timeout(super::BUSY_TIMEOUT)?;
     let synchronous = match durability {
         Durability::ProcessCrash => "NORMAL",
         Durability::PowerLoss => "FULL",
@@ -192,6 +191,11 @@ impl Batcher {
             kept: Vec::new(),
             body: Vec::new(),
         }
+    }
+
+    /// The writer's connection (for a checkpoint between batches).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// Per frame of the last successful [`Batcher::commit`], whether it was stored.

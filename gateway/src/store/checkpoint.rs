@@ -10,10 +10,17 @@
 //!
 //! When it runs: once the writer has committed [`ROWS_TRIGGER`] rows since the last
 //! checkpoint (the writer wakes it), or a second after the last one if anything was written.
-//! The WAL stays bounded: a passive checkpoint that copied every frame lets the writer start
-//! the WAL over at its next commit; should the WAL still pass [`WAL_MAX_FRAMES`] (a long
-//! read holding it, or a load the checkpoint cannot keep up with), a `RESTART` checkpoint
-//! briefly makes the writer wait, logged once per episode.
+//!
+//! The WAL stays bounded. SQLite starts the WAL over at a commit only once a checkpoint has
+//! copied every frame in it; under a sustained load the writer appends while this thread
+//! copies, so that moment may not come. When the WAL passes [`WAL_SOFT_FRAMES`] this thread
+//! asks the writer to finish the job: right after it has raised the acks of a batch, the
+//! writer runs one `RESTART` checkpoint itself (only the frames appended since this thread's
+//! last pass are left to copy; it waits for readers' short snapshots, never for a writer), and
+//! its next commit starts the WAL over. That costs the
+//! frames queued meanwhile a few milliseconds, never an ack already due. Should the WAL still
+//! pass [`WAL_MAX_FRAMES`] (a long read holding it), a `RESTART` checkpoint briefly makes the
+//! writer wait, logged once per episode.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,8 +37,13 @@ use crate::metrics::Metrics;
 pub const ROWS_TRIGGER: u64 = 50_000;
 /// Longest time anything written waits for a checkpoint.
 const PERIOD: Duration = Duration::from_secs(1);
-/// WAL size (in 4 KiB pages, ~256 MiB) past which a checkpoint makes the writer wait.
-pub const WAL_MAX_FRAMES: i64 = 65_536;
+/// WAL size (in 4 KiB pages, ~64 MiB) past which the writer finishes a checkpoint itself
+/// between batches.
+pub const WAL_SOFT_FRAMES: i64 = 16_384;
+/// How long the writer's own checkpoint waits for readers to leave the WAL.
+const WRITER_CHECKPOINT_WAIT: Duration = Duration::from_millis(5);
+/// WAL size (in 4 KiB pages, ~512 MiB) past which a checkpoint makes the writer wait.
+pub const WAL_MAX_FRAMES: i64 = 131_072;
 
 /// The writer's side: counts what it wrote and wakes the checkpointer.
 #[derive(Clone)]
@@ -43,6 +55,9 @@ pub struct CheckpointHandle {
 struct Shared {
     written: AtomicU64,
     stop: AtomicBool,
+    /// Set by the thread when the WAL passed [`WAL_SOFT_FRAMES`]: the writer finishes.
+    ask_writer: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 impl CheckpointHandle {
@@ -52,6 +67,33 @@ impl CheckpointHandle {
         if before < ROWS_TRIGGER && before + rows >= ROWS_TRIGGER {
             self.thread.unpark();
         }
+    }
+
+    /// Between batches, after their acks: runs a `RESTART` checkpoint on the writer's own
+    /// connection if the thread asked for one (the WAL outgrew [`WAL_SOFT_FRAMES`]). No other
+    /// connection writes, so it only waits for readers' short snapshots to end, copies what
+    /// the thread had not, and lets the next commit start the WAL over.
+    pub fn finish_if_asked(&self, conn: &Connection) {
+        if !self.shared.ask_writer.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let started = Instant::now();
+        // Wait for readers briefly only: a reader may itself be waiting for the write lock
+        // this checkpoint holds. If they do not clear, the checkpoint still copied what it
+        // could; the thread asks again.
+        let _ = conn.busy_timeout(WRITER_CHECKPOINT_WAIT);
+        match checkpoint(conn, "RESTART") {
+            Ok((wal, _)) => {
+                self.shared.metrics.wal_frames.set(wal);
+            }
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint on the writer failed"),
+        }
+        let _ = conn.busy_timeout(super::BUSY_TIMEOUT);
+        self.shared.metrics.writer_checkpoints.inc();
+        self.shared
+            .metrics
+            .checkpoint_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -72,6 +114,8 @@ impl Checkpointer {
         let shared = Arc::new(Shared {
             written: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            ask_writer: AtomicBool::new(false),
+            metrics: metrics.clone(),
         });
         let theirs = shared.clone();
         let join = std::thread::Builder::new()
@@ -119,6 +163,9 @@ fn run(conn: Connection, shared: &Shared, metrics: &Metrics) {
         match checkpoint(&conn, "PASSIVE") {
             Ok((wal, _)) => {
                 metrics.wal_frames.set(wal);
+                shared
+                    .ask_writer
+                    .store(wal > WAL_SOFT_FRAMES, Ordering::Relaxed);
                 if wal > WAL_MAX_FRAMES {
                     if !restarting {
                         tracing::warn!(

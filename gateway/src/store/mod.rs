@@ -64,6 +64,7 @@ pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
     durability: Durability,
+    options: SqliteConnectOptions,
 }
 
 /// Page cache, mmap and checkpoint settings of every connection, as (pragma, value).
@@ -86,6 +87,9 @@ pub static STORE_PRAGMAS: std::sync::LazyLock<String> = std::sync::LazyLock::new
     sql
 });
 
+/// How long a connection waits for SQLite's locks before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Milliseconds since the Unix epoch, by the gateway's clock.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -107,7 +111,7 @@ fn connect_options(
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(synchronous)
-        .busy_timeout(Duration::from_secs(10))
+        .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(false)
         // Per-statement logging would be per batch at info level; keep it out of the way.
         .log_statements(tracing::log::LevelFilter::Trace);
@@ -137,12 +141,22 @@ impl Store {
             pool,
             path: path.to_path_buf(),
             durability,
+            options,
         })
     }
 
     /// The pool for reads and administration.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// A separate pool of `max` connections for a background reader that may issue many
+    /// queries at once (the detector's warm-up), so it never starves Hello look-ups and
+    /// the API of the shared pool. Connections open lazily.
+    pub fn side_pool(&self, max: u32) -> SqlitePool {
+        SqlitePoolOptions::new()
+            .max_connections(max)
+            .connect_lazy_with(self.options.clone())
     }
 
     /// Starts the WAL checkpointer on a connection of its own.

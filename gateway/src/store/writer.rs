@@ -80,40 +80,101 @@ pub struct WriterHandle {
     tx: mpsc::Sender<WriteFrame>,
     /// The longest a frame waited for its commit since the pacer last looked, ms.
     max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Readings queued and not yet taken by the writer.
+    queued: Arc<std::sync::atomic::AtomicU64>,
+    /// Room in the queue, in readings (`store.queue_readings` permits).
+    room: Arc<tokio::sync::Semaphore>,
+    /// `store.queue_readings`.
+    room_max: u32,
+    /// Where a full queue is counted.
+    metrics: Arc<Metrics>,
+}
+
+impl FrameBody {
+    /// Readings it holds (1 for an event or a command result).
+    pub fn readings(&self) -> u64 {
+        match self {
+            FrameBody::Telemetry(t) => t.readings.len().max(1) as u64,
+            _ => 1,
+        }
+    }
 }
 
 impl WriterHandle {
     /// Queues a frame, waiting while the queue is full (backpressure). Fails only when the
     /// writer has stopped.
     pub async fn send(&self, frame: WriteFrame) -> Result<(), WriterStopped> {
-        self.tx.send(frame).await.map_err(|_| WriterStopped)
+        let readings = frame.body.readings();
+        // A frame takes room for its readings first (a frame bigger than the whole queue
+        // takes all of it), then a slot.
+        let need = (readings.min(u64::from(self.room_max))) as u32;
+        match self.room.try_acquire_many(need) {
+            Ok(permit) => permit.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.metrics.store_queue_full.inc();
+                match self.room.acquire_many(need).await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return Err(WriterStopped),
+                }
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(WriterStopped),
+        }
+        self.queued
+            .fetch_add(readings, std::sync::atomic::Ordering::Relaxed);
+        match self.tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                // Backpressure: this session waits (and stops reading its socket).
+                self.metrics.store_queue_full.inc();
+                self.tx.send(frame).await.map_err(|_| WriterStopped)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(WriterStopped),
+        }
     }
 
     /// Watches how full the queue is without keeping the writer alive (it stops when the
     /// last handle is dropped).
     pub fn probe(&self) -> QueueProbe {
-        QueueProbe(self.tx.downgrade(), self.max_wait_ms.clone())
+        QueueProbe {
+            tx: self.tx.downgrade(),
+            max_wait_ms: self.max_wait_ms.clone(),
+            queued: self.queued.clone(),
+            room_max: self.room_max,
+        }
     }
 }
 
 /// How full the queue to the writer is, and how long frames wait in it (see
 /// [`WriterHandle::probe`]).
-pub struct QueueProbe(
-    mpsc::WeakSender<WriteFrame>,
-    Arc<std::sync::atomic::AtomicU64>,
-);
+pub struct QueueProbe {
+    tx: mpsc::WeakSender<WriteFrame>,
+    max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
+    queued: Arc<std::sync::atomic::AtomicU64>,
+    room_max: u32,
+}
 
 impl QueueProbe {
     /// The longest a frame waited from its arrival to its commit since the last call.
     pub fn take_max_wait(&self) -> Duration {
-        Duration::from_millis(self.1.swap(0, std::sync::atomic::Ordering::Relaxed))
+        Duration::from_millis(
+            self.max_wait_ms
+                .swap(0, std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
-    /// 0 (empty) to 1 (full); `None` once the writer has stopped.
+    /// Readings waiting in the queue (not yet taken by the writer).
+    pub fn queued_readings(&self) -> u64 {
+        self.queued.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// 0 (empty) to 1 (full), by frames or by readings, whichever is fuller; `None` once
+    /// the writer has stopped.
     pub fn fill(&self) -> Option<f64> {
-        let tx = self.0.upgrade()?;
+        let tx = self.tx.upgrade()?;
         let max = tx.max_capacity().max(1);
-        Some(1.0 - tx.capacity() as f64 / max as f64)
+        let frames = 1.0 - tx.capacity() as f64 / max as f64;
+        let readings = self.queued_readings() as f64 / f64::from(self.room_max.max(1));
+        Some(frames.max(readings).min(1.0))
     }
 }
 
@@ -133,6 +194,8 @@ pub struct WriterParts {
     pub queue_frames: usize,
     /// `store.batch_max_frames`.
     pub batch_max_frames: usize,
+    /// `store.queue_readings`.
+    pub queue_readings: usize,
     /// With a backlog, frames are also queued in the outbox for the MQTT bridge.
     pub backlog: Option<Arc<Backlog>>,
     /// `store.retention`.
@@ -157,6 +220,7 @@ pub fn spawn(
     let WriterParts {
         queue_frames,
         batch_max_frames,
+        queue_readings,
         backlog,
         retention,
         metrics,
@@ -166,7 +230,14 @@ pub fn spawn(
     } = parts;
     let (tx, rx) = mpsc::channel(queue_frames);
     let max_wait_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer_metrics = metrics.clone();
+    let room_max = u32::try_from(queue_readings.max(1)).unwrap_or(u32::MAX >> 3);
+    let room = Arc::new(tokio::sync::Semaphore::new(room_max as usize));
     let writer = Writer {
+        room: room.clone(),
+        room_max,
+        queued: queued.clone(),
         max_wait_ms: max_wait_ms.clone(),
         checkpoint,
         cursor_deleted: 0,
@@ -184,11 +255,27 @@ pub fn spawn(
     let runtime = tokio::runtime::Handle::current();
     let task =
         tokio::task::spawn_blocking(move || runtime.block_on(writer.run(rx, batch_max_frames)));
-    (WriterHandle { tx, max_wait_ms }, task)
+    (
+        WriterHandle {
+            tx,
+            max_wait_ms,
+            queued,
+            room,
+            room_max,
+            metrics: writer_metrics,
+        },
+        task,
+    )
 }
 
 struct Writer {
     batcher: Batcher,
+    /// Room in readings, given back as frames are taken.
+    room: Arc<tokio::sync::Semaphore>,
+    /// `store.queue_readings`.
+    room_max: u32,
+    /// Readings queued and not yet taken (sessions add, the writer takes off).
+    queued: Arc<std::sync::atomic::AtomicU64>,
     /// Longest arrival-to-commit time since the pacer last looked, ms.
     max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Wakes the checkpointer once enough was written.
@@ -220,6 +307,25 @@ const PRUNE_STEP_ROWS: i64 = 20_000;
 const PRUNE_BUSY: Duration = Duration::from_millis(100);
 /// Longest pause between retention passes.
 const PRUNE_IDLE_MAX: Duration = Duration::from_secs(60);
+/// Most readings one commit takes (a batch with more is cut after the frame that reaches
+/// it; the rest goes into the next commit), so that one commit of big frames cannot hold
+/// every ack behind it for seconds.
+pub const MAX_BATCH_READINGS: usize = 32_768;
+
+/// Where to cut `batch` so that it holds at most `max` readings (at least one frame), or
+/// `None` if it fits.
+fn cut_at(batch: &[WriteFrame], max: usize) -> Option<usize> {
+    let mut readings = 0;
+    for (i, frame) in batch.iter().enumerate() {
+        readings += frame.body.readings() as usize;
+        if readings > max {
+            let cut = i.max(1);
+            return (cut < batch.len()).then_some(cut);
+        }
+    }
+    None
+}
+
 /// Under load, published outbox rows are deleted at most this often (one short transaction
 /// between batches); when idle, as soon as the bridge confirms them.
 pub const CURSOR_EVERY: Duration = Duration::from_millis(50);
@@ -227,6 +333,7 @@ pub const CURSOR_EVERY: Duration = Duration::from_millis(50);
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<WriteFrame>, batch_max_frames: usize) {
         let mut batch = Vec::with_capacity(batch_max_frames);
+        let mut carry = Vec::new();
         let mut prune_at = tokio::time::Instant::now();
         loop {
             self.wait_for_backlog_room().await;
@@ -240,23 +347,41 @@ impl Writer {
             self.record_anomalies();
             self.advance_cursor(false);
             let backlog = self.backlog.clone();
-            let received = tokio::select! {
-                n = rx.recv_many(&mut batch, batch_max_frames) => n,
+            // Frames left over from a batch cut at `MAX_BATCH_READINGS` go first.
+            if carry.is_empty() {
+                let received = tokio::select! {
+                    n = rx.recv_many(&mut batch, batch_max_frames) => n,
                 _ = tokio::time::sleep_until(prune_at), if self.retention.is_some() => continue,
                 _ = confirmed_rose(backlog.as_deref()) => {
                     self.advance_cursor(true);
                     continue;
                 }
-                a = self.anomalies.recv(), if self.anomalies_open => {
-                    match a {
-                        Some(a) => self.record(vec![a]),
-                        None => self.anomalies_open = false,
+                    a = self.anomalies.recv(), if self.anomalies_open => {
+                        match a {
+                            Some(a) => self.record(vec![a]),
+                            None => self.anomalies_open = false,
+                        }
+                        continue;
                     }
-                    continue;
+                };
+                if received == 0 {
+                    break;
                 }
-            };
-            if received == 0 {
-                break;
+                let taken: u64 = batch.iter().map(|f| f.body.readings()).sum();
+                self.queued
+                    .fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);
+                let permits: u64 = batch
+                    .iter()
+                    .map(|f| f.body.readings().min(u64::from(self.room_max)))
+                    .sum();
+                self.room.add_permits(permits as usize);
+            } else {
+                batch.append(&mut carry);
+            }
+            // Big frames (a paced device batches its samples) make a frame count a poor
+            // bound of a commit's length: cut the batch by readings too.
+            if let Some(cut) = cut_at(&batch, MAX_BATCH_READINGS) {
+                carry = batch.split_off(cut);
             }
             let started = std::time::Instant::now();
             match self.batcher.commit(&batch) {
@@ -288,6 +413,11 @@ impl Writer {
                     }
                     self.announce(&mut batch);
                     self.drop_oldest_if_over_budget();
+                    // After the acks: the WAL has grown past what the checkpoint thread
+                    // can bring back while commits keep coming.
+                    if let Some(c) = &self.checkpoint {
+                        c.finish_if_asked(self.batcher.connection());
+                    }
                 }
                 Err(e) => {
                     // Nothing of this batch was acknowledged; its devices resend after
@@ -302,6 +432,8 @@ impl Writer {
             }
             batch.clear();
         }
+        // Sessions still waiting for room learn that the writer is gone.
+        self.room.close();
         if let Some(backlog) = &self.backlog {
             backlog.stop_writer();
         }
