@@ -27,7 +27,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::FramedRead;
 
 use crate::record::Tap;
-use crate::report::FleetStats;
+use crate::stats::FleetStats;
 use crate::tls::Io;
 
 /// What the gateway sends on a link (plain TCP or TLS).
@@ -61,7 +61,7 @@ pub struct DeviceSpec {
     /// `None`: random values and the wall clock.
     pub seed: Option<u64>,
     /// Sensors and their waveforms (from a scenario); `None`: the built-in plausible set.
-    pub sensors: Option<Arc<Vec<crate::scenario::SensorSpec>>>,
+    pub sensors: Option<Arc<Vec<crate::sensor::SensorSpec>>>,
     /// Share of the report period by which each interval varies at random (0 to 1).
     pub jitter: f64,
     /// Readings per sensor per frame (scenario profiles), spread over the report period.

@@ -9,7 +9,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::device::{CommandBehaviour, Device, DeviceSpec, Faults, Timing};
-use crate::report::{FleetStats, Report};
+use crate::report::Report;
+use crate::stats::FleetStats;
 
 /// Readings a frame carries at most by default: about 35 KiB of protobuf with the built-in
 /// sensor names, well under the gateway's default 64 KiB frame limit.
@@ -55,7 +56,7 @@ pub struct FleetConfig {
     /// `i`, and the default epoch is derived from it too.
     pub seed: Option<u64>,
     /// Sensors and waveforms (from a scenario profile); `None`: `readings` built-in sensors.
-    pub sensors: Option<Arc<Vec<crate::scenario::SensorSpec>>>,
+    pub sensors: Option<Arc<Vec<crate::sensor::SensorSpec>>>,
     /// Share of the report period by which each interval varies (0 to 1).
     pub jitter: f64,
     /// Readings per sensor per frame (with `sensors`).

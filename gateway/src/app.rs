@@ -166,6 +166,9 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             checkpoint: Some(checkpointer.handle()),
         },
     );
+    if config.session.slow_report_interval.is_some() {
+        tracing::warn!("session.slow_report_interval is deprecated: it now sets pacing.max_interval (\"0s\": pacing.enabled = false); set those instead");
+    }
     if config.auth.mode == AuthMode::None {
         tracing::warn!("auth.mode = none: every device is accepted without checking its token");
     }

@@ -773,6 +773,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pacing_settings_are_checked_and_the_old_interval_still_works() {
+        let err = Config::from_toml("[pacing]\ntarget_queue_fill = 1.5\n").unwrap_err();
+        assert!(
+            err.to_string().contains("pacing.target_queue_fill"),
+            "{err}"
+        );
+        let err = Config::from_toml("[pacing]\nmax_interval = \"1ms\"\n").unwrap_err();
+        assert!(err.to_string().contains("pacing.max_interval"), "{err}");
+        let err = Config::from_toml("[store]\nqueue_readings = 10\n").unwrap_err();
+        assert!(err.to_string().contains("store.queue_readings"), "{err}");
+        let old = Config::from_toml("[session]\nslow_report_interval = \"5s\"\n").unwrap();
+        assert_eq!(old.pacing.max_interval, Duration::from_secs(5));
+        assert!(old.pacing.enabled);
+        let off = Config::from_toml("[session]\nslow_report_interval = \"0s\"\n").unwrap();
+        assert!(!off.pacing.enabled);
+    }
+
+    #[test]
     fn the_shipped_example_config_parses_and_matches_the_defaults() {
         let text = include_str!("../../gateway.example.toml");
         let config = Config::from_toml(text).expect("example config parses");
@@ -785,6 +803,17 @@ mod tests {
             defaults.store.batch_max_frames
         );
         assert_eq!(config.session.idle_timeout, defaults.session.idle_timeout);
+        assert_eq!(config.store.queue_readings, defaults.store.queue_readings);
+        assert_eq!(config.pacing.enabled, defaults.pacing.enabled);
+        assert_eq!(
+            config.pacing.target_queue_fill,
+            defaults.pacing.target_queue_fill
+        );
+        assert_eq!(
+            config.pacing.target_ack_latency,
+            defaults.pacing.target_ack_latency
+        );
+        assert_eq!(config.pacing.max_interval, defaults.pacing.max_interval);
         assert_eq!(config.shutdown.timeout, defaults.shutdown.timeout);
         assert_eq!(config.mqtt.url, defaults.mqtt.url);
         assert_eq!(config.mqtt.inflight, defaults.mqtt.inflight);

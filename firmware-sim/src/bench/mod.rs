@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use crate::report::FleetStats;
+use crate::stats::FleetStats;
 use crate::{run_fleet, FleetConfig, Report};
 use procs::{cpu_seconds, status_kib, Gateway, Mosquitto};
 

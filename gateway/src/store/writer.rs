@@ -633,15 +633,18 @@ impl Writer {
             );
         }
         let target = backlog.budget() / 4 * 3;
+        // Rows vary in size (a paced device's frames carry many readings): size each slice
+        // from the cost of the rows just dropped, starting with one row.
+        let mut row_cost = u64::MAX;
         while backlog.bytes() > target {
-            // Drop a slice of rows sized from the excess; the exact cost comes back.
             let excess = backlog.bytes() - target;
-            let n = (excess / 128).clamp(16, 10_000) as i64;
+            let n = (excess / row_cost.max(1)).clamp(1, 10_000) as i64;
             match self.batcher.drop_oldest(n) {
                 Ok((0, _)) => break,
                 Ok((rows, bytes)) => {
                     backlog.dropped(rows);
                     backlog.removed(bytes);
+                    row_cost = (bytes / rows.max(1)).max(1);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "dropping the oldest outbox rows failed");
