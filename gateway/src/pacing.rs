@@ -383,6 +383,15 @@ pub async fn run(
         rates.extend(links.iter().map(|s| s.pace.take_rate(dt)));
         let (level, change) = controller.step(&m, &rates);
         let pressure = controller.pressure(&m);
+        tracing::debug!(
+            pressure = format_args!("{pressure:.2}"),
+            fill = format_args!("{:.3}", m.fill),
+            drain_ms = (m.drain_s * 1000.0) as u64,
+            served_fps = m.served as u64,
+            inflow_fps = rates.iter().sum::<f64>() as u64,
+            level = ?level,
+            "pacer tick"
+        );
         let interval = level.map_or(0, |l| interval_ms(l, config.max_interval));
         let mut paced = 0;
         for (state, rate) in links.iter().zip(&rates) {
