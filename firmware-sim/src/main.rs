@@ -242,6 +242,11 @@ struct RunArgs {
     /// Most unacknowledged frames per device.
     #[arg(long, default_value_t = 256)]
     window: usize,
+    /// Most readings in one frame: a device keeps sampling at --rate while it waits (paced,
+    /// its window full, offline) and sends every sample taken since in the next frame, up
+    /// to this; older samples beyond it are dropped at the device and counted.
+    #[arg(long, default_value_t = firmware_sim::fleet::DEFAULT_MAX_FRAME_READINGS)]
+    max_frame_readings: usize,
     /// Fleet secret: each device's token is HMAC-SHA256(secret, device_id).
     #[arg(long, env = "GATEWAY_FLEET_SECRET", hide_env_values = true)]
     fleet_secret: Option<String>,
@@ -365,6 +370,7 @@ fn run(args: RunArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
                 duration,
                 drain,
                 window: args.window,
+                max_frame_readings: args.max_frame_readings.max(1),
                 fleet_secret: args.fleet_secret,
                 token: args.token,
                 prefix: args.prefix,
