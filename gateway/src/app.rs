@@ -158,6 +158,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             queue_frames: config.store.queue_frames,
             batch_max_frames: config.store.batch_max_frames,
             queue_readings: config.store.queue_readings,
+            batch_max_readings: config.store.batch_max_readings,
             backlog: backlog.clone(),
             retention: config.store.retention,
             metrics: metrics.clone(),

@@ -275,6 +275,9 @@ pub struct StoreConfig {
     /// Frames waiting for the writer, across all devices. Default 8192. When full, sessions
     /// wait to enqueue and so stop reading their sockets: devices are slowed, never dropped.
     pub queue_frames: usize,
+    /// Most readings one transaction commits. Default 32768. A batch with more is cut after
+    /// the frame that reaches it, so one commit of big frames cannot hold every ack behind it.
+    pub batch_max_readings: usize,
     /// Readings waiting for the writer, across all devices. Default 65536 (about a sixth of
     /// a second of the writer's work on the reference machine). Big frames (a paced device
     /// batches its samples) fill it before `queue_frames` does; full, it waits the same way.
@@ -295,6 +298,7 @@ impl Default for StoreConfig {
             batch_max_frames: 2048,
             queue_frames: 8192,
             queue_readings: 65_536,
+            batch_max_readings: 32_768,
             retention: None,
         }
     }
@@ -683,6 +687,12 @@ impl Config {
         if self.store.queue_frames < 1 {
             return Err(invalid("store.queue_frames", "must be at least 1"));
         }
+        if !(256..=1_000_000).contains(&self.store.batch_max_readings) {
+            return Err(invalid(
+                "store.batch_max_readings",
+                "must be between 256 and 1000000",
+            ));
+        }
         if !(1024..=(u32::MAX as usize >> 3)).contains(&self.store.queue_readings) {
             return Err(invalid(
                 "store.queue_readings",
@@ -804,6 +814,10 @@ mod tests {
         );
         assert_eq!(config.session.idle_timeout, defaults.session.idle_timeout);
         assert_eq!(config.store.queue_readings, defaults.store.queue_readings);
+        assert_eq!(
+            config.store.batch_max_readings,
+            defaults.store.batch_max_readings
+        );
         assert_eq!(config.pacing.enabled, defaults.pacing.enabled);
         assert_eq!(
             config.pacing.target_queue_fill,

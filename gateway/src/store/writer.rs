@@ -196,6 +196,10 @@ pub struct WriterParts {
     pub batch_max_frames: usize,
     /// `store.queue_readings`.
     pub queue_readings: usize,
+    /// `store.batch_max_readings`: a batch with more is cut after the frame that reaches it
+    /// (the rest goes into the next commit), so one commit of big frames cannot hold every
+    /// ack behind it for long.
+    pub batch_max_readings: usize,
     /// With a backlog, frames are also queued in the outbox for the MQTT bridge.
     pub backlog: Option<Arc<Backlog>>,
     /// `store.retention`.
@@ -221,6 +225,7 @@ pub fn spawn(
         queue_frames,
         batch_max_frames,
         queue_readings,
+        batch_max_readings,
         backlog,
         retention,
         metrics,
@@ -254,7 +259,7 @@ pub fn spawn(
     };
     let runtime = tokio::runtime::Handle::current();
     let task =
-        tokio::task::spawn_blocking(move || runtime.block_on(writer.run(rx, batch_max_frames)));
+        tokio::task::spawn_blocking(move || runtime.block_on(writer.run(rx, batch_max_frames, batch_max_readings)));
     (
         WriterHandle {
             tx,
@@ -307,10 +312,6 @@ const PRUNE_STEP_ROWS: i64 = 20_000;
 const PRUNE_BUSY: Duration = Duration::from_millis(100);
 /// Longest pause between retention passes.
 const PRUNE_IDLE_MAX: Duration = Duration::from_secs(60);
-/// Most readings one commit takes (a batch with more is cut after the frame that reaches
-/// it; the rest goes into the next commit), so that one commit of big frames cannot hold
-/// every ack behind it for seconds.
-pub const MAX_BATCH_READINGS: usize = 32_768;
 
 /// Where to cut `batch` so that it holds at most `max` readings (at least one frame), or
 /// `None` if it fits.
@@ -331,7 +332,12 @@ fn cut_at(batch: &[WriteFrame], max: usize) -> Option<usize> {
 pub const CURSOR_EVERY: Duration = Duration::from_millis(50);
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<WriteFrame>, batch_max_frames: usize) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WriteFrame>,
+        batch_max_frames: usize,
+        batch_max_readings: usize,
+    ) {
         let mut batch = Vec::with_capacity(batch_max_frames);
         let mut carry = Vec::new();
         let mut prune_at = tokio::time::Instant::now();
@@ -347,7 +353,7 @@ impl Writer {
             self.record_anomalies();
             self.advance_cursor(false);
             let backlog = self.backlog.clone();
-            // Frames left over from a batch cut at `MAX_BATCH_READINGS` go first.
+            // Frames left over from a batch cut at `store.batch_max_readings` go first.
             if carry.is_empty() {
                 let received = tokio::select! {
                     n = rx.recv_many(&mut batch, batch_max_frames) => n,
@@ -380,7 +386,7 @@ impl Writer {
             }
             // Big frames (a paced device batches its samples) make a frame count a poor
             // bound of a commit's length: cut the batch by readings too.
-            if let Some(cut) = cut_at(&batch, MAX_BATCH_READINGS) {
+            if let Some(cut) = cut_at(&batch, batch_max_readings) {
                 carry = batch.split_off(cut);
             }
             let started = std::time::Instant::now();
