@@ -100,7 +100,7 @@ impl CheckpointHandle {
 /// The running checkpointer; [`Checkpointer::stop`] ends it after a last checkpoint.
 pub struct Checkpointer {
     handle: CheckpointHandle,
-    join: std::thread::JoinHandle<()>,
+    join: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Checkpointer {
@@ -127,7 +127,7 @@ impl Checkpointer {
                 shared,
                 thread: join.thread().clone(),
             },
-            join,
+            join: Some(join),
         })
     }
 
@@ -138,10 +138,24 @@ impl Checkpointer {
 
     /// Runs a last checkpoint and waits for the thread (on a blocking thread when called
     /// from async code).
-    pub fn stop(self) {
+    pub fn stop(mut self) {
+        self.signal_stop();
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
+    }
+
+    fn signal_stop(&self) {
         self.handle.shared.stop.store(true, Ordering::Relaxed);
         self.handle.thread.unpark();
-        let _ = self.join.join();
+    }
+}
+
+impl Drop for Checkpointer {
+    /// A gateway that fails after starting it (a listener that cannot bind) does not leave
+    /// the thread behind: it runs its last checkpoint and ends on its own.
+    fn drop(&mut self) {
+        self.signal_stop();
     }
 }
 

@@ -258,8 +258,9 @@ pub fn spawn(
         hub,
     };
     let runtime = tokio::runtime::Handle::current();
-    let task =
-        tokio::task::spawn_blocking(move || runtime.block_on(writer.run(rx, batch_max_frames, batch_max_readings)));
+    let task = tokio::task::spawn_blocking(move || {
+        runtime.block_on(writer.run(rx, batch_max_frames, batch_max_readings))
+    });
     (
         WriterHandle {
             tx,
