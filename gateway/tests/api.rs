@@ -662,7 +662,13 @@ async fn the_live_feed_shows_every_committed_frame_in_order_and_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_client_that_stops_reading_is_told_it_lagged_and_ingest_loses_nothing() {
-    let gw = TestGateway::start(|c| c.http.live_buffer = 16).await;
+    // Ingest at full speed (no pacing), so the hub produces far more than the slow client
+    // takes.
+    let gw = TestGateway::start(|c| {
+        c.http.live_buffer = 16;
+        c.pacing.enabled = false;
+    })
+    .await;
     // A client with a tiny receive buffer that reads nothing during the load.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
