@@ -136,17 +136,24 @@ pub fn read_store(db: &Path) -> Result<StoreView, rusqlite::Error> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut devices = HashMap::new();
     let mut series = conn.prepare(
-        "SELECT d.device_id, MIN(se.id) FROM series se JOIN devices d ON d.id = se.device
+        "SELECT d.device_id, MIN(se.id), d.id FROM series se JOIN devices d ON d.id = se.device
          GROUP BY d.device_id",
     )?;
     let list = series
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
-    let mut ts =
-        conn.prepare("SELECT DISTINCT ts_ms FROM readings WHERE series = ?1 ORDER BY ts_ms")?;
-    for (device, id) in list {
+    let mut ts = conn.prepare(
+        "SELECT DISTINCT ts_ms FROM readings WHERE device = ?2 AND series = ?1 ORDER BY ts_ms",
+    )?;
+    for (device, id, row) in list {
         let stamps = ts
-            .query_map([id], |r| r.get::<_, i64>(0))?
+            .query_map([id, row], |r| r.get::<_, i64>(0))?
             .collect::<Result<Vec<_>, _>>()?;
         let (Some(first), Some(last)) = (stamps.first(), stamps.last()) else {
             continue;

@@ -103,7 +103,7 @@ fn insert(path: &Path, p: &CeilingParams) -> Result<Ceiling, CeilingError> {
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT INTO readings (series, ts_ms, stream, seq, idx, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO readings (series, ts_ms, stream, seq, idx, value, device) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?3)",
             )?;
             let end = (frame + p.batch_frames.max(1)).min(p.frames);
             for f in frame..end {

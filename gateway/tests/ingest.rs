@@ -317,8 +317,8 @@ async fn the_store_check_passes_a_clean_run_and_catches_lost_and_duplicated_fram
         .await
         .unwrap();
     sqlx::query(
-        "INSERT INTO readings (series, ts_ms, stream, seq, idx, value)
-         SELECT series, ts_ms, stream, seq, idx + 100, value FROM readings
+        "INSERT INTO readings (device, series, ts_ms, stream, seq, idx, value)
+         SELECT device, series, ts_ms, stream, seq, idx + 100, value FROM readings
          WHERE seq = 3 AND stream = (SELECT MIN(id) FROM streams)",
     )
     .execute(&mut conn)
@@ -332,4 +332,69 @@ async fn the_store_check_passes_a_clean_run_and_catches_lost_and_duplicated_fram
     );
     assert!(!damaged.is_clean());
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_from_before_the_device_clustered_readings_keeps_every_reading() {
+    use sqlx::{ConnectOptions, Connection};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    // The store as the previous release left it: every migration before the re-clustering.
+    let mut old = sqlx::migrate!("../migrations");
+    let before = old
+        .migrations
+        .iter()
+        .position(|m| m.description.contains("readings by device"))
+        .expect("the re-clustering migration");
+    old.migrations = old.migrations[..before].to_vec().into();
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db)
+        .create_if_missing(true)
+        .connect()
+        .await
+        .unwrap();
+    old.run(&mut conn).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO devices (id, device_id, created_at_ms) VALUES (1, 'a', 0), (2, 'b', 0);
+         INSERT INTO sensors (id, name) VALUES (1, 'temp'), (2, 'rh');
+         INSERT INTO series (id, device, sensor) VALUES (1, 1, 1), (2, 1, 2), (3, 2, 1);
+         INSERT INTO streams (id, device, epoch, last_seq) VALUES (1, 1, 7, 2), (2, 2, 9, 1);
+         INSERT INTO readings (series, ts_ms, stream, seq, idx, value) VALUES
+             (1, 1000, 1, 1, 0, 20.5), (2, 1000, 1, 1, 1, 40.0),
+             (1, 2000, 1, 2, 0, 21.5), (2, 2000, 1, 2, 1, NULL),
+             (3, 1500, 2, 1, 0, -3.25);",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let telemetry = "SELECT device_id, epoch, seq, sensor, ts_ms, value FROM telemetry
+                     ORDER BY device_id, seq, sensor";
+    type Row = (String, i64, i64, String, i64, Option<f64>);
+    let expected: Vec<Row> = sqlx::query_as(telemetry)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    assert_eq!(expected.len(), 5);
+
+    let store = gateway::store::Store::open(&db, gateway::config::Durability::ProcessCrash)
+        .await
+        .expect("migrates the old store");
+    let after: Vec<Row> = sqlx::query_as(telemetry)
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, expected);
+    let devices: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT device, COUNT(*) FROM readings GROUP BY device ORDER BY device")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(devices, vec![(1, 4), (2, 1)]);
+    // The dedup point is untouched: stream seqs carry over.
+    let seqs: Vec<(i64,)> = sqlx::query_as("SELECT last_seq FROM streams ORDER BY id")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(seqs, vec![(2,), (1,)]);
 }

@@ -271,8 +271,8 @@ impl Detector {
         if n == 0 {
             return;
         }
-        let series: Vec<(i64, String)> = match sqlx::query_as(
-            "SELECT se.id, s.name FROM series se
+        let series: Vec<(i64, i64, String)> = match sqlx::query_as(
+            "SELECT se.device, se.id, s.name FROM series se
              JOIN devices d ON d.id = se.device JOIN sensors s ON s.id = se.sensor
              WHERE d.device_id = ?1",
         )
@@ -286,14 +286,15 @@ impl Detector {
                 return;
             }
         };
-        for (id, name) in series {
+        for (device_row, id, name) in series {
             let rows: Vec<(i64, Option<f64>)> = sqlx::query_as(
-                "SELECT ts_ms, value FROM readings WHERE series = ?1 AND ts_ms < ?2
+                "SELECT ts_ms, value FROM readings WHERE device = ?4 AND ts_ms < ?2 AND series = ?1
                  ORDER BY ts_ms DESC LIMIT ?3",
             )
             .bind(id)
             .bind(before_ms)
             .bind(i64::from(n))
+            .bind(device_row)
             .fetch_all(&self.pool)
             .await
             .unwrap_or_default();

@@ -210,17 +210,17 @@ impl Batcher {
 
     /// Retention: deletes up to `max_rows` each of readings, events and finished commands
     /// from before `cutoff_ms`, in one transaction. The readings and events lookups seek per
-    /// series (per device for events) on the primary key, so a step costs what it deletes
-    /// plus one seek per series. Open commands stay.
+    /// device on the primary key (readings) or its time index (events), so a step costs what
+    /// it deletes plus one seek per device. Open commands stay.
     pub fn prune(&mut self, cutoff_ms: i64, max_rows: i64) -> Result<Pruned, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let readings = tx
             .prepare_cached(
-                "DELETE FROM readings WHERE (series, ts_ms, stream, seq, idx) IN \
-                 (SELECT series, ts_ms, stream, seq, idx FROM readings \
-                  WHERE series IN (SELECT id FROM series) AND ts_ms < ?1 LIMIT ?2)",
+                "DELETE FROM readings WHERE (device, ts_ms, series, stream, seq, idx) IN \
+                 (SELECT device, ts_ms, series, stream, seq, idx FROM readings \
+                  WHERE device IN (SELECT id FROM devices) AND ts_ms < ?1 LIMIT ?2)",
             )?
             .execute(rusqlite::params![cutoff_ms, max_rows])?;
         let events = tx
@@ -362,7 +362,7 @@ impl Batcher {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut reading = tx.prepare_cached(
-                "INSERT INTO readings (series, ts_ms, stream, seq, idx, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO readings (device, ts_ms, series, stream, seq, idx, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             let mut event = tx.prepare_cached(
                 "INSERT INTO event_log (stream, seq, device, ts_ms, kind, message, severity)
@@ -404,7 +404,9 @@ impl Batcher {
                             let series = cache.series(&tx, device, &r.sensor)?;
                             let value = (!r.value.is_nan()).then_some(r.value);
                             let ts = timestamp(r.timestamp_ms, frame.received_ms);
-                            reading.execute(params![series, ts, stream, seq, idx as i64, value])?;
+                            reading.execute(params![
+                                device, ts, series, stream, seq, idx as i64, value
+                            ])?;
                         }
                         stored.readings += t.readings.len() as u64;
                         if let Some(p) = pending.get_mut(&stream) {

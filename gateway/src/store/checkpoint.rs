@@ -37,9 +37,10 @@ use crate::metrics::Metrics;
 pub const ROWS_TRIGGER: u64 = 50_000;
 /// Longest time anything written waits for a checkpoint.
 const PERIOD: Duration = Duration::from_secs(1);
-/// WAL size (in 4 KiB pages, ~64 MiB) past which the writer finishes a checkpoint itself
-/// between batches.
-pub const WAL_SOFT_FRAMES: i64 = 16_384;
+/// WAL size (in 4 KiB pages, ~256 MiB) past which the writer finishes a checkpoint itself
+/// between batches. That costs the frames queued meanwhile ~20 ms (an fsync or two), so it
+/// should be rare: at 64 MiB it came every second at 68 000 readings/s and set the ack p99.
+pub const WAL_SOFT_FRAMES: i64 = 65_536;
 /// How long the writer's own checkpoint waits for readers to leave the WAL.
 const WRITER_CHECKPOINT_WAIT: Duration = Duration::from_millis(5);
 /// WAL size (in 4 KiB pages, ~512 MiB) past which a checkpoint makes the writer wait.

@@ -130,8 +130,7 @@ pub async fn revoke(pool: &SqlitePool, device_id: &str) -> Result<bool, StoreErr
 pub async fn list(pool: &SqlitePool) -> Result<Vec<DeviceRow>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT d.device_id, d.token_hash IS NOT NULL AS has_token, d.revoked_at_ms, d.created_at_ms,
-                (SELECT COUNT(*) FROM readings r JOIN series se ON se.id = r.series
-                  WHERE se.device = d.id) AS readings
+                (SELECT COUNT(*) FROM readings r WHERE r.device = d.id) AS readings
          FROM devices d ORDER BY d.device_id",
     )
     .fetch_all(pool)

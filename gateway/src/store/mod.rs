@@ -135,7 +135,9 @@ impl Store {
             .max_connections(4)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("../migrations").run(&pool).await?;
+        let migrator = sqlx::migrate!("../migrations");
+        announce_migrations(&pool, &migrator).await;
+        migrator.run(&pool).await?;
         drop(lock); // released: others may open the file now
         Ok(Self {
             pool,
@@ -170,6 +172,29 @@ impl Store {
     /// A connection of its own for the store writer.
     pub fn writer_connection(&self) -> Result<rusqlite::Connection, StoreError> {
         batch::open_connection(&self.path, self.durability)
+    }
+}
+
+/// Logs the migrations an existing store is about to get (one line): some rewrite a table,
+/// which takes a while on a big store, and the operator should know why start is slow.
+async fn announce_migrations(pool: &SqlitePool, migrator: &sqlx::migrate::Migrator) {
+    let applied: Result<Vec<(i64,)>, _> =
+        sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await;
+    let Ok(applied) = applied else {
+        return; // a new store: nothing to announce
+    };
+    let pending: Vec<&str> = migrator
+        .iter()
+        .filter(|m| !applied.iter().any(|(v,)| *v == m.version))
+        .map(|m| m.description.as_ref())
+        .collect();
+    if !pending.is_empty() {
+        tracing::info!(
+            migrations = %pending.join("; "),
+            "upgrading the store; on a big store this can take minutes, do not stop the gateway"
+        );
     }
 }
 

@@ -2,9 +2,10 @@
 //! with their last reading, readings and per-step aggregates by the device's timestamps,
 //! events, and commands. Runs on the read pool, never on the writer's connection.
 //!
-//! Every query seeks an index: readings by their primary key (series, ts_ms, ...), one query
-//! per series merged in memory (a device has a handful of sensors), so a page costs at most
-//! `limit` rows per series whatever the table holds; events by `(device, ts_ms)` or `(ts_ms)`.
+//! Every query seeks an index: readings by their primary key (device, ts_ms, series, ...), so
+//! a page of a device's readings is one range of it and costs the rows it returns (and, when
+//! one sensor is asked, the device's other sensors' rows between them) whatever the table
+//! holds; events by `(device, ts_ms)` or `(ts_ms)`.
 //! Pages continue from an opaque cursor, the position of the last row returned.
 
 mod anomalies;
@@ -183,10 +184,11 @@ pub struct SensorRecord {
     pub last_value: Option<f64>,
 }
 
-/// The device's sensors by name, each with its newest reading (one index seek each).
+/// The device's sensors by name, each with its newest reading: one backward scan of the
+/// device's newest rows per sensor, which stops at that sensor's newest reading.
 pub async fn sensors(pool: &SqlitePool, device_id: &str) -> Result<Vec<SensorRecord>, StoreError> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT s.name, se.id FROM series se
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT s.name, se.id, se.device FROM series se
          JOIN sensors s ON s.id = se.sensor
          JOIN devices d ON d.id = se.device
          WHERE d.device_id = ? ORDER BY s.name",
@@ -195,10 +197,12 @@ pub async fn sensors(pool: &SqlitePool, device_id: &str) -> Result<Vec<SensorRec
     .fetch_all(pool)
     .await?;
     let mut out = Vec::with_capacity(rows.len());
-    for (name, series) in rows {
+    for (name, series, device) in rows {
         let last: Option<(i64, Option<f64>)> = sqlx::query_as(
-            "SELECT ts_ms, value FROM readings WHERE series = ? ORDER BY ts_ms DESC LIMIT 1",
+            "SELECT ts_ms, value FROM readings WHERE device = ? AND series = ?
+             ORDER BY ts_ms DESC LIMIT 1",
         )
+        .bind(device)
         .bind(series)
         .fetch_optional(pool)
         .await?;
@@ -211,14 +215,14 @@ pub async fn sensors(pool: &SqlitePool, device_id: &str) -> Result<Vec<SensorRec
     Ok(out)
 }
 
-/// The device's series (id and sensor name), by id; only `sensor` when given.
+/// The device's series (id and sensor name), by id; only `sensor`'s when given.
 pub async fn series(
     pool: &SqlitePool,
     device_id: &str,
     sensor: Option<&str>,
-) -> Result<Vec<(i64, String)>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT se.id, s.name FROM series se
+) -> Result<SeriesSet, StoreError> {
+    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+        "SELECT se.device, se.id, s.name FROM series se
          JOIN sensors s ON s.id = se.sensor
          JOIN devices d ON d.id = se.device
          WHERE d.device_id = ?1 AND (?2 IS NULL OR s.name = ?2) ORDER BY se.id",
@@ -226,7 +230,12 @@ pub async fn series(
     .bind(device_id)
     .bind(sensor)
     .fetch_all(pool)
-    .await?)
+    .await?;
+    Ok(SeriesSet {
+        device: rows.first().map_or(0, |r| r.0),
+        series: rows.into_iter().map(|r| (r.1, r.2)).collect(),
+        one: sensor.is_some(),
+    })
 }
 /// A stored command.
 #[derive(Debug, Clone, PartialEq, Eq)]

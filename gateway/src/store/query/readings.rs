@@ -1,5 +1,5 @@
-//! Readings of a device by their timestamps: raw pages merged over its series in key order,
-//! and per-step aggregates, each a primary-key seek per series.
+//! Readings of a device by their timestamps: raw pages in key order (one primary-key range
+//! of the device), and per-step aggregates (one range per series).
 
 use sqlx::SqlitePool;
 
@@ -78,91 +78,96 @@ pub struct ReadingRecord {
     pub epoch: u64,
 }
 
-/// The row-value bound for `series` of a page that continues after `after` (or starts at
-/// the range's edge): rows strictly past it in the page's order belong to the page.
-fn bound(series: i64, range: &Range, after: Option<&ReadingKey>) -> (i64, i64, i64, i64) {
-    let (lo, hi) = (i64::MIN, i64::MAX);
-    match (range.order, after) {
-        (Order::Asc, None) => (range.from, lo, lo, lo),
-        (Order::Desc, None) => (range.to, lo, lo, lo),
-        (order, Some(a)) => {
-            // Within the cursor's timestamp, series order decides which rows are left.
-            let past_cursor_series = match order {
-                Order::Asc => series > a.series,
-                Order::Desc => series < a.series,
-            };
-            match (order, series == a.series, past_cursor_series) {
-                (_, true, _) => (a.ts_ms, a.stream, a.seq, a.idx),
-                (Order::Asc, false, true) => (a.ts_ms, lo, lo, lo),
-                (Order::Asc, false, false) => (a.ts_ms, hi, hi, hi),
-                (Order::Desc, false, true) => (a.ts_ms, hi, hi, hi),
-                (Order::Desc, false, false) => (a.ts_ms, lo, lo, lo),
-            }
-        }
-    }
+/// A device's series as the readings queries read them.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesSet {
+    /// The device's row id (the first column of the readings key).
+    pub device: i64,
+    /// Each series id with its sensor name, by id.
+    pub series: Vec<(i64, String)>,
+    /// The request named one sensor: only its series is read.
+    pub one: bool,
 }
 
-/// SQL for one series' page of readings.
+/// SQL for a page of a device's readings, in key order: the device's rows in the time
+/// range are one stretch of the primary key (device, ts_ms, series, stream, seq, idx), so a
+/// page reads its rows (and the other sensors' rows between them when one sensor is asked).
 pub fn readings_sql(order: Order) -> &'static str {
     match order {
         Order::Asc => {
-            "SELECT r.ts_ms, r.stream, r.seq, r.idx, r.value, st.epoch FROM readings r
+            "SELECT r.ts_ms, r.series, r.stream, r.seq, r.idx, r.value, st.epoch FROM readings r
              JOIN streams st ON st.id = r.stream
-             WHERE r.series = ?1 AND (r.ts_ms, r.stream, r.seq, r.idx) > (?2, ?3, ?4, ?5)
-               AND r.ts_ms >= ?6 AND r.ts_ms < ?7
-             ORDER BY r.ts_ms, r.stream, r.seq, r.idx LIMIT ?8"
+             WHERE r.device = ?1 AND (?2 IS NULL OR r.series = ?2)
+               AND (r.ts_ms, r.series, r.stream, r.seq, r.idx) > (?3, ?4, ?5, ?6, ?7)
+               AND r.ts_ms >= ?8 AND r.ts_ms < ?9
+             ORDER BY r.ts_ms, r.series, r.stream, r.seq, r.idx LIMIT ?10"
         }
         Order::Desc => {
-            "SELECT r.ts_ms, r.stream, r.seq, r.idx, r.value, st.epoch FROM readings r
+            "SELECT r.ts_ms, r.series, r.stream, r.seq, r.idx, r.value, st.epoch FROM readings r
              JOIN streams st ON st.id = r.stream
-             WHERE r.series = ?1 AND (r.ts_ms, r.stream, r.seq, r.idx) < (?2, ?3, ?4, ?5)
-               AND r.ts_ms >= ?6 AND r.ts_ms < ?7
-             ORDER BY r.ts_ms DESC, r.stream DESC, r.seq DESC, r.idx DESC LIMIT ?8"
+             WHERE r.device = ?1 AND (?2 IS NULL OR r.series = ?2)
+               AND (r.ts_ms, r.series, r.stream, r.seq, r.idx) < (?3, ?4, ?5, ?6, ?7)
+               AND r.ts_ms >= ?8 AND r.ts_ms < ?9
+             ORDER BY r.ts_ms DESC, r.series DESC, r.stream DESC, r.seq DESC, r.idx DESC LIMIT ?10"
         }
     }
 }
 
-/// A page of readings of `series` (id, sensor name), merged in timestamp order; the
+/// A page of a device's readings (of one sensor when `set.one`), in timestamp order; the
 /// second value is the cursor of the next page, if there may be one.
 pub async fn readings(
     pool: &SqlitePool,
-    series: &[(i64, String)],
+    set: &SeriesSet,
     range: Range,
     after: Option<ReadingKey>,
 ) -> Result<(Vec<ReadingRecord>, Option<ReadingKey>), StoreError> {
-    let mut all = Vec::new();
-    for (id, name) in series {
-        let b = bound(*id, &range, after.as_ref());
-        let rows: Vec<(i64, i64, i64, i64, Option<f64>, i64)> =
-            sqlx::query_as(readings_sql(range.order))
-                .bind(id)
-                .bind(b.0)
-                .bind(b.1)
-                .bind(b.2)
-                .bind(b.3)
-                .bind(range.from)
-                .bind(range.to)
-                .bind(range.limit)
-                .fetch_all(pool)
-                .await?;
-        all.extend(rows.into_iter().map(|r| ReadingRecord {
-            key: ReadingKey {
-                ts_ms: r.0,
-                series: *id,
-                stream: r.1,
-                seq: r.2,
-                idx: r.3,
-            },
-            sensor: name.clone(),
-            value: r.4,
-            epoch: u64_from_sql(r.5),
-        }));
+    if set.series.is_empty() {
+        return Ok((Vec::new(), None));
     }
-    all.sort_by_key(|r| r.key);
-    if range.order == Order::Desc {
-        all.reverse();
-    }
-    all.truncate(range.limit as usize);
+    // Where the page starts: after the cursor, or at the range's edge in the page's order.
+    let start = after.unwrap_or(ReadingKey {
+        ts_ms: match range.order {
+            Order::Asc => range.from,
+            Order::Desc => range.to,
+        },
+        series: i64::MIN,
+        stream: i64::MIN,
+        seq: i64::MIN,
+        idx: i64::MIN,
+    });
+    let rows: Vec<(i64, i64, i64, i64, i64, Option<f64>, i64)> =
+        sqlx::query_as(readings_sql(range.order))
+            .bind(set.device)
+            .bind(set.one.then(|| set.series[0].0))
+            .bind(start.ts_ms)
+            .bind(start.series)
+            .bind(start.stream)
+            .bind(start.seq)
+            .bind(start.idx)
+            .bind(range.from)
+            .bind(range.to)
+            .bind(range.limit)
+            .fetch_all(pool)
+            .await?;
+    let all: Vec<ReadingRecord> = rows
+        .into_iter()
+        .filter_map(|r| {
+            // A series created after `set` was read has no name here; the next page has it.
+            let (_, name) = set.series.iter().find(|(id, _)| *id == r.1)?;
+            Some(ReadingRecord {
+                key: ReadingKey {
+                    ts_ms: r.0,
+                    series: r.1,
+                    stream: r.2,
+                    seq: r.3,
+                    idx: r.4,
+                },
+                sensor: name.clone(),
+                value: r.5,
+                epoch: u64_from_sql(r.6),
+            })
+        })
+        .collect();
     let next = (all.len() == range.limit as usize)
         .then(|| all.last().map(|r| r.key))
         .flatten();
@@ -196,12 +201,12 @@ pub fn buckets_sql(order: Order) -> &'static str {
     match order {
         Order::Asc => {
             "SELECT (ts_ms / ?2) * ?2 AS bucket, MIN(value), MAX(value), AVG(value), COUNT(value)
-             FROM readings WHERE series = ?1 AND ts_ms >= ?3 AND ts_ms < ?4
+             FROM readings WHERE device = ?6 AND ts_ms >= ?3 AND ts_ms < ?4 AND series = ?1
              GROUP BY bucket ORDER BY bucket LIMIT ?5"
         }
         Order::Desc => {
             "SELECT (ts_ms / ?2) * ?2 AS bucket, MIN(value), MAX(value), AVG(value), COUNT(value)
-             FROM readings WHERE series = ?1 AND ts_ms >= ?3 AND ts_ms < ?4
+             FROM readings WHERE device = ?6 AND ts_ms >= ?3 AND ts_ms < ?4 AND series = ?1
              GROUP BY bucket ORDER BY bucket DESC LIMIT ?5"
         }
     }
@@ -211,13 +216,13 @@ pub fn buckets_sql(order: Order) -> &'static str {
 /// the next page is (bucket start, series).
 pub async fn buckets(
     pool: &SqlitePool,
-    series: &[(i64, String)],
+    set: &SeriesSet,
     step_ms: i64,
     range: Range,
     after: Option<(i64, i64)>,
 ) -> Result<(Vec<Bucket>, Option<(i64, i64)>), StoreError> {
     let mut all = Vec::new();
-    for (id, name) in series {
+    for (id, name) in &set.series {
         // Whole steps only: the range's edges are rounded down to a step.
         let (mut from, mut to) = (range.from - range.from.rem_euclid(step_ms), range.to);
         if let Some((bucket, cursor_series)) = after {
@@ -234,6 +239,7 @@ pub async fn buckets(
             .bind(from)
             .bind(to)
             .bind(range.limit)
+            .bind(set.device)
             .fetch_all(pool)
             .await?;
         all.extend(rows.into_iter().map(|r| Bucket {
