@@ -4,10 +4,15 @@
 //! Every [`TICK`] it measures the pressure on the gateway: the store queue's fill against
 //! `pacing.target_queue_fill`, the longest time a frame waited for its commit against
 //! `pacing.target_ack_latency`, and the MQTT backlog against half its budget (1.0 at each
-//! target). It also measures each online device's frame rate. From those it keeps one
-//! **level**: the most frames per second any one device may send. Devices under the level
-//! are not touched; devices at or over it get the interval `1 / level` (max-min fairness:
-//! a flooding device is slowed first, and a quiet one not at all).
+//! target). It also measures what each online device sends: readings/s and readings per
+//! frame. From those it keeps one **level**: the most readings per second any one device may
+//! send. Devices under the level are not touched; a device at or over it is asked for one
+//! frame per `its readings per frame / level` seconds (max-min fairness: a flooding device
+//! is slowed first, and a quiet one not at all). The level is in readings, not frames,
+//! because a paced device batches: its frames grow as its interval does, so frames/s say
+//! little about the load, and the interval of a device whose frames are still growing rises
+//! by its own growth every tick until its frames are full and its readings/s fall to the
+//! level.
 //!
 //! - pressure over 1: the devices together are admitted a share of what the writer served
 //!   over the last second, less the further over the target (the level at most halves per
@@ -114,7 +119,7 @@ pub struct PaceStatus {
     pub target_queue_fill: f64,
     /// `pacing.target_ack_latency`, ms.
     pub target_ack_latency_ms: u64,
-    /// The interval paced devices are asked to keep, ms (0: not pacing).
+    /// The longest interval a paced device is asked to keep, ms (0: not pacing).
     interval_ms: AtomicU32,
     /// Devices paced now.
     devices: AtomicU64,
@@ -135,7 +140,7 @@ impl PaceStatus {
         }
     }
 
-    /// The interval paced devices are asked to keep, ms (0: not pacing).
+    /// The longest interval a paced device is asked to keep, ms (0: not pacing).
     pub fn interval_ms(&self) -> u32 {
         self.interval_ms.load(Ordering::Relaxed)
     }
@@ -168,8 +173,8 @@ pub struct Measure {
     pub backlog: f64,
     /// Whether the backlog is at its budget (its policy applies).
     pub backlog_full: bool,
-    /// Frames/s the writer committed over the last second: its capacity while the queue is
-    /// not empty.
+    /// Readings/s the writer committed over the last second: its capacity while the queue
+    /// is not empty.
     pub served: f64,
 }
 
@@ -178,9 +183,9 @@ pub struct Measure {
 pub struct Controller {
     target_fill: f64,
     target_wait_s: f64,
-    /// Lowest level (from `max_interval`), frames/s.
+    /// Lowest level (one reading per `max_interval`), readings/s.
     min_level: f64,
-    /// Frames/s any one device may send; `None`: not pacing.
+    /// Readings/s any one device may send; `None`: not pacing.
     level: Option<f64>,
     calm: u32,
     /// The level at the last fresh overshoot: the capacity was about there.
@@ -192,7 +197,7 @@ pub struct Controller {
 /// A change of regime, to log once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Regime {
-    /// Pacing began at this level (frames/s per device).
+    /// Pacing began at this level (readings/s per device).
     Began(f64),
     /// Pacing ended.
     Ended,
@@ -223,12 +228,12 @@ impl Controller {
         p
     }
 
-    /// The current level, frames/s per device (`None`: not pacing).
+    /// The current level, readings/s per device (`None`: not pacing).
     pub fn level(&self) -> Option<f64> {
         self.level
     }
 
-    /// One tick: `rates` are the devices' frame rates (frames/s) over the last tick.
+    /// One tick: `rates` are the devices' readings/s over the last tick.
     /// Returns the new level and a change of regime, if any.
     ///
     /// Over the target, the devices together are admitted a share of what the writer
@@ -319,9 +324,10 @@ pub fn water_level(rates: &[f64], budget: f64) -> f64 {
     sorted.last().copied().unwrap_or(0.0)
 }
 
-/// The interval for a level, ms (at least 1).
-pub fn interval_ms(level: f64, max_interval: Duration) -> u32 {
-    let ms = (1000.0 / level.max(1e-9)).round();
+/// The interval that holds a device sending `per_frame` readings a frame to `level`
+/// readings/s, ms (at least 1, at most `max_interval`).
+pub fn interval_ms(per_frame: f64, level: f64, max_interval: Duration) -> u32 {
+    let ms = (1000.0 * per_frame.max(1.0) / level.max(1e-9)).round();
     (ms.clamp(1.0, max_interval.as_millis() as f64)) as u32
 }
 
@@ -341,10 +347,9 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = tokio::time::Instant::now();
     let mut rates = Vec::new();
-    let mut served_frames = metrics.frames_stored.get() + metrics.frames_duplicate.get();
-    let mut recent_served = [0.0; SERVED_WINDOW];
     let mut served_readings = metrics.readings_stored.get();
     let mut recent_readings = [0.0; SERVED_WINDOW];
+    let mut sends: Vec<Sent> = Vec::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -354,15 +359,8 @@ pub async fn run(
         let now = tokio::time::Instant::now();
         let dt = now.duration_since(last).as_secs_f64().max(0.001);
         last = now;
-        let frames = metrics.frames_stored.get() + metrics.frames_duplicate.get();
-        let served_now = frames.saturating_sub(served_frames) as f64 / dt;
-        served_frames = frames;
         // What the writer did over the last second: one long commit makes a tick with
-        // nothing committed, not a writer that can do nothing; and frames grow while devices
-        // are paced, so older ticks would overstate the frames/s it can take now.
-        recent_served.rotate_left(1);
-        recent_served[SERVED_WINDOW - 1] = served_now;
-        let served = recent_served.iter().sum::<f64>() / SERVED_WINDOW as f64;
+        // nothing committed, not a writer that can do nothing.
         let readings = metrics.readings_stored.get();
         recent_readings.rotate_left(1);
         recent_readings[SERVED_WINDOW - 1] = readings.saturating_sub(served_readings) as f64 / dt;
@@ -370,7 +368,7 @@ pub async fn run(
         let readings_per_s = recent_readings.iter().sum::<f64>() / SERVED_WINDOW as f64;
         let wait_s = queue.take_max_wait().as_secs_f64();
         let m = Measure {
-            served,
+            served: readings_per_s,
             fill,
             drain_s: queue.queued_readings() as f64 / readings_per_s.max(1000.0),
             backlog: backlog
@@ -379,32 +377,42 @@ pub async fn run(
             backlog_full: metrics.uplink_backlog_full.get() != 0,
         };
         let links = registry.pace_states();
+        sends.clear();
+        sends.extend(links.iter().map(|s| s.pace.take_sent(dt)));
         rates.clear();
-        rates.extend(links.iter().map(|s| s.pace.take_rate(dt)));
+        rates.extend(sends.iter().map(|s| s.readings_per_s));
         let (level, change) = controller.step(&m, &rates);
         let pressure = controller.pressure(&m);
         tracing::debug!(
             pressure = format_args!("{pressure:.2}"),
             fill = format_args!("{:.3}", m.fill),
             drain_ms = (m.drain_s * 1000.0) as u64,
-            served_fps = m.served as u64,
-            inflow_fps = rates.iter().sum::<f64>() as u64,
+            served_readings_per_s = m.served as u64,
+            inflow_readings_per_s = rates.iter().sum::<f64>() as u64,
             level = ?level,
             "pacer tick"
         );
-        let interval = level.map_or(0, |l| interval_ms(l, config.max_interval));
         let mut paced = 0;
-        for (state, rate) in links.iter().zip(&rates) {
+        let mut interval = 0;
+        for (state, sent) in links.iter().zip(&sends) {
+            let current = state.pace.interval_ms();
             let wanted = match level {
-                Some(l) if *rate >= l * PACED_SHARE => interval,
-                // A device already paced keeps its interval while it still sends near it.
-                Some(l) if state.pace.interval_ms() > 0 && *rate >= l * PACED_SHARE * 0.5 => {
-                    interval
+                Some(l)
+                    if sent.readings_per_s >= l * PACED_SHARE
+                        // A device already paced keeps an interval while it still sends
+                        // near the level.
+                        || (current > 0 && sent.readings_per_s >= l * PACED_SHARE * 0.5) =>
+                {
+                    match sent.per_frame() {
+                        Some(per_frame) => interval_ms(per_frame, l, config.max_interval),
+                        None => current, // nothing arrived this tick: no news
+                    }
                 }
                 _ => 0,
             };
             if wanted > 0 {
                 paced += 1;
+                interval = interval.max(wanted);
             }
             state.pace.ask(wanted, RETELL_SHARE);
         }
@@ -426,7 +434,8 @@ pub async fn run(
                     queue_drain_ms = (m.drain_s * 1000.0) as u64,
                     backlog_full = m.backlog_full,
                     devices_paced = paced,
-                    "falling behind: pacing devices that send over {l:.1} frames/s to one frame per {interval} ms (more readings per frame)"
+                    longest_interval_ms = interval,
+                    "falling behind: pacing devices that send over {l:.0} readings/s to fewer frames (more readings per frame)"
                 );
             }
             Some(Regime::Ended) => {
@@ -437,13 +446,31 @@ pub async fn run(
     }
 }
 
+/// What one link sent over a tick.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    frames: u64,
+    readings: u64,
+    readings_per_s: f64,
+}
+
+impl Sent {
+    /// Mean readings per data frame (`None`: no data frame).
+    fn per_frame(&self) -> Option<f64> {
+        (self.frames > 0).then(|| self.readings as f64 / self.frames as f64)
+    }
+}
+
 /// A link's pacing state, shared by its session and the pacer.
 #[derive(Debug, Default)]
 pub struct LinkPace {
     /// Data frames received on the link (the session counts).
     frames: AtomicU64,
-    /// `frames` when the pacer last looked.
+    /// Readings in them.
+    readings: AtomicU64,
+    /// `frames` and `readings` when the pacer last looked.
     seen: AtomicU64,
+    seen_readings: AtomicU64,
     /// The interval the link was asked to keep, ms (0: none).
     interval_ms: AtomicU32,
     /// Wakes the session to send a new interval.
@@ -451,9 +478,10 @@ pub struct LinkPace {
 }
 
 impl LinkPace {
-    /// A data frame arrived.
-    pub fn frame(&self) {
+    /// A data frame with `readings` readings arrived.
+    pub fn frame(&self, readings: u64) {
         self.frames.fetch_add(1, Ordering::Relaxed);
+        self.readings.fetch_add(readings, Ordering::Relaxed);
     }
 
     /// The interval the link should keep now, ms (0: none).
@@ -461,11 +489,18 @@ impl LinkPace {
         self.interval_ms.load(Ordering::Relaxed)
     }
 
-    /// Frames/s since the last call, over `dt` seconds.
-    fn take_rate(&self, dt: f64) -> f64 {
-        let now = self.frames.load(Ordering::Relaxed);
-        let before = self.seen.swap(now, Ordering::Relaxed);
-        now.saturating_sub(before) as f64 / dt
+    /// What arrived since the last call, over `dt` seconds.
+    fn take_sent(&self, dt: f64) -> Sent {
+        let frames = self.frames.load(Ordering::Relaxed);
+        let readings = self.readings.load(Ordering::Relaxed);
+        let frames = frames.saturating_sub(self.seen.swap(frames, Ordering::Relaxed));
+        let readings =
+            readings.saturating_sub(self.seen_readings.swap(readings, Ordering::Relaxed));
+        Sent {
+            frames,
+            readings_per_s: readings as f64 / dt,
+            readings,
+        }
     }
 
     /// Sets the interval (waking the session) unless it is within `share` of the current
@@ -616,8 +651,10 @@ mod tests {
         assert_eq!(link.interval_ms(), 150);
         link.ask(0, RETELL_SHARE);
         assert_eq!(link.interval_ms(), 0);
-        assert_eq!(interval_ms(0.05, Duration::from_secs(10)), 10_000);
-        assert_eq!(interval_ms(50.0, Duration::from_secs(10)), 20);
-        assert_eq!(interval_ms(5000.0, Duration::from_secs(10)), 1);
+        // One frame per its readings over the level: 8 readings a frame at 400 readings/s.
+        assert_eq!(interval_ms(8.0, 400.0, Duration::from_secs(10)), 20);
+        assert_eq!(interval_ms(1024.0, 2048.0, Duration::from_secs(10)), 500);
+        assert_eq!(interval_ms(1.0, 0.05, Duration::from_secs(10)), 10_000);
+        assert_eq!(interval_ms(1.0, 5000.0, Duration::from_secs(10)), 1);
     }
 }

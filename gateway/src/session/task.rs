@@ -516,7 +516,7 @@ impl Session<'_> {
                     registration.state.last_seen_ms.store(received_ms, Ordering::Relaxed);
                     match self.state.on_message(msg, received_ms as u64) {
                         Step::Store { seq, body } => {
-                            pace.pace.frame();
+                            pace.pace.frame(body.readings());
                             let frame = WriteFrame {
                                 device: device.clone(),
                                 epoch,
