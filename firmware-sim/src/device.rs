@@ -67,7 +67,10 @@ pub struct DeviceSpec {
     /// Readings per sensor per frame (scenario profiles), spread over the report period.
     pub samples: usize,
     /// Most readings one Telemetry frame carries (a paced device batches its samples up to
-    /// this; older samples beyond it are dropped at the device and counted).
+    /// this; older samples beyond it are dropped at the device and counted). It also bounds
+    /// the device's resend buffer: at most [`UNACKED_FRAMES_OF_READINGS`] full frames' worth
+    /// of readings unacknowledged, as firmware with a fixed buffer keeps (it then waits for
+    /// acks, sampling on into its next frame), whatever its window in frames.
     pub max_frame_readings: usize,
     /// Seeded devices: device-clock time per wall-clock time (1: real time; 60: a minute of
     /// readings each second).
@@ -211,6 +214,9 @@ impl DeviceOutcome {
         }
     }
 }
+
+/// Full frames' worth of unacknowledged readings a device keeps for resending.
+pub const UNACKED_FRAMES_OF_READINGS: usize = 1;
 
 pub(crate) struct Pending {
     pub(crate) seq: u64,
@@ -951,7 +957,9 @@ impl Device {
             if !producing && self.pending.is_empty() {
                 return LinkEnd::Done;
             }
-            let can_send = producing && self.pending.len() < self.spec.window;
+            let unacked: u64 = self.pending.iter().filter_map(|p| p.readings).sum();
+            let buffer = (self.spec.max_frame_readings * UNACKED_FRAMES_OF_READINGS) as u64;
+            let can_send = producing && self.pending.len() < self.spec.window && unacked < buffer;
             let answer_ready = !self.answers.is_empty() && self.pending.len() < self.spec.window;
             let answer_due = self.answers.front().map_or(now, |a| a.0);
             let fault_at = self.next_fault_at();
