@@ -349,10 +349,21 @@ async fn noisy_serial_lines_next_to_tcp_lose_nothing() {
     .fetch_all(&mut conn)
     .await
     .unwrap();
+    // Two devices, one rebooted: three sequence spaces in the report. Each one the gateway
+    // acknowledged a frame of is in the store (the new epoch may have none if the reboot's
+    // Hello met the line noise and the pulled cable before the run ended).
+    let serial: Vec<_> = report
+        .outcomes
+        .iter()
+        .filter(|d| d.device_id.starts_with("rs485-"))
+        .collect();
+    assert_eq!(serial.len(), 3, "{}", report.to_table());
+    let acked_epochs = serial.iter().filter(|d| d.frames_acked > 0).count() as i64;
+    assert!(acked_epochs >= 2, "{}", report.to_table());
     assert_eq!(
         epochs.iter().map(|(_, n)| n).sum::<i64>(),
-        3,
-        "two devices, one rebooted: {epochs:?}"
+        acked_epochs,
+        "stored epochs: {epochs:?}"
     );
 }
 

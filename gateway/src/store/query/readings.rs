@@ -89,6 +89,9 @@ pub struct SeriesSet {
     pub one: bool,
 }
 
+/// (ts_ms, series, stream, seq, idx, value, epoch).
+type ReadingRow = (i64, i64, i64, i64, i64, Option<f64>, i64);
+
 /// SQL for a page of a device's readings, in key order: the device's rows in the time
 /// range are one stretch of the primary key (device, ts_ms, series, stream, seq, idx), so a
 /// page reads its rows (and the other sensors' rows between them when one sensor is asked).
@@ -135,20 +138,19 @@ pub async fn readings(
         seq: i64::MIN,
         idx: i64::MIN,
     });
-    let rows: Vec<(i64, i64, i64, i64, i64, Option<f64>, i64)> =
-        sqlx::query_as(readings_sql(range.order))
-            .bind(set.device)
-            .bind(set.one.then(|| set.series[0].0))
-            .bind(start.ts_ms)
-            .bind(start.series)
-            .bind(start.stream)
-            .bind(start.seq)
-            .bind(start.idx)
-            .bind(range.from)
-            .bind(range.to)
-            .bind(range.limit)
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<ReadingRow> = sqlx::query_as(readings_sql(range.order))
+        .bind(set.device)
+        .bind(set.one.then(|| set.series[0].0))
+        .bind(start.ts_ms)
+        .bind(start.series)
+        .bind(start.stream)
+        .bind(start.seq)
+        .bind(start.idx)
+        .bind(range.from)
+        .bind(range.to)
+        .bind(range.limit)
+        .fetch_all(pool)
+        .await?;
     let all: Vec<ReadingRecord> = rows
         .into_iter()
         .filter_map(|r| {
