@@ -319,7 +319,8 @@ async function loadAnomalies() {
   const id = state.route.id;
   const page = await api(`/api/v1/anomalies?device=${encodeURIComponent(id)}&since=-7d&limit=10000`);
   if (state.route.id !== id) return;
-  dashboard.anomalies = [];
+  // Merged, not replaced: one the live feed brought while this request was under way (raised
+  // after the store answered) must stay, on the charts and in the list.
   for (const a of page.anomalies) setAnomaly(a);
   redrawCharts();
 }
@@ -549,6 +550,7 @@ function route() {
     dashboard.charts = {};
     dashboard.history = {};
     dashboard.anomalies = [];
+    $("#anomaly-list tbody").replaceChildren();
     dashboard.historyUrl = null;
     $("#cmd-outcome").textContent = "";
     $("#cmd-detail").textContent = "";
