@@ -44,6 +44,8 @@ use crate::store::writer::QueueProbe;
 
 /// How often the controller measures and decides.
 pub const TICK: Duration = Duration::from_millis(250);
+/// The soonest a full queue makes the pacer decide after its last decision.
+const EARLIEST_TICK: Duration = Duration::from_millis(50);
 /// Pressure under which the level rises.
 pub const LIFT_BELOW: f64 = 0.5;
 /// Factor the level rises by per calm tick.
@@ -354,6 +356,14 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            // The queue filled before pacing began: decide now, not at the next tick (at
+            // the onset of an overload a tick is long enough to fill it many times over).
+            _ = queue.filled(), if controller.level().is_none() => {
+                if last.elapsed() < EARLIEST_TICK {
+                    continue;
+                }
+                tick.reset();
+            }
         }
         let Some(fill) = queue.fill() else { return };
         let now = tokio::time::Instant::now();

@@ -80,14 +80,15 @@ pub struct WriterHandle {
     tx: mpsc::Sender<WriteFrame>,
     /// The longest a frame waited for its commit since the pacer last looked, ms.
     max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
-    /// Readings queued and not yet taken by the writer.
-    queued: Arc<std::sync::atomic::AtomicU64>,
-    /// Room in the queue, in readings (`store.queue_readings` permits).
+    /// Room in the queue, in readings (`store.queue_readings` permits): what is taken is
+    /// what is queued.
     room: Arc<tokio::sync::Semaphore>,
     /// `store.queue_readings`.
     room_max: u32,
     /// Where a full queue is counted.
     metrics: Arc<Metrics>,
+    /// Told when a frame finds the queue full (the pacer decides at once).
+    filled: Arc<tokio::sync::Notify>,
 }
 
 impl FrameBody {
@@ -112,6 +113,7 @@ impl WriterHandle {
             Ok(permit) => permit.forget(),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 self.metrics.store_queue_full.inc();
+                self.filled.notify_one();
                 match self.room.acquire_many(need).await {
                     Ok(permit) => permit.forget(),
                     Err(_) => return Err(WriterStopped),
@@ -119,13 +121,12 @@ impl WriterHandle {
             }
             Err(tokio::sync::TryAcquireError::Closed) => return Err(WriterStopped),
         }
-        self.queued
-            .fetch_add(readings, std::sync::atomic::Ordering::Relaxed);
         match self.tx.try_send(frame) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(frame)) => {
                 // Backpressure: this session waits (and stops reading its socket).
                 self.metrics.store_queue_full.inc();
+                self.filled.notify_one();
                 self.tx.send(frame).await.map_err(|_| WriterStopped)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(WriterStopped),
@@ -138,8 +139,9 @@ impl WriterHandle {
         QueueProbe {
             tx: self.tx.downgrade(),
             max_wait_ms: self.max_wait_ms.clone(),
-            queued: self.queued.clone(),
+            room: self.room.clone(),
             room_max: self.room_max,
+            filled: self.filled.clone(),
         }
     }
 }
@@ -149,11 +151,17 @@ impl WriterHandle {
 pub struct QueueProbe {
     tx: mpsc::WeakSender<WriteFrame>,
     max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
-    queued: Arc<std::sync::atomic::AtomicU64>,
+    room: Arc<tokio::sync::Semaphore>,
     room_max: u32,
+    filled: Arc<tokio::sync::Notify>,
 }
 
 impl QueueProbe {
+    /// Resolves when a frame has found the queue full since the last call.
+    pub async fn filled(&self) {
+        self.filled.notified().await;
+    }
+
     /// The longest a frame waited from its arrival to its commit since the last call.
     pub fn take_max_wait(&self) -> Duration {
         Duration::from_millis(
@@ -162,9 +170,10 @@ impl QueueProbe {
         )
     }
 
-    /// Readings waiting in the queue (not yet taken by the writer).
+    /// Readings waiting in the queue (not yet taken by the writer): the room taken. A frame
+    /// bigger than the whole queue counts as the whole queue.
     pub fn queued_readings(&self) -> u64 {
-        self.queued.load(std::sync::atomic::Ordering::Relaxed)
+        u64::from(self.room_max).saturating_sub(self.room.available_permits() as u64)
     }
 
     /// 0 (empty) to 1 (full), by frames or by readings, whichever is fuller; `None` once
@@ -235,14 +244,12 @@ pub fn spawn(
     } = parts;
     let (tx, rx) = mpsc::channel(queue_frames);
     let max_wait_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer_metrics = metrics.clone();
     let room_max = u32::try_from(queue_readings.max(1)).unwrap_or(u32::MAX >> 3);
     let room = Arc::new(tokio::sync::Semaphore::new(room_max as usize));
     let writer = Writer {
         room: room.clone(),
         room_max,
-        queued: queued.clone(),
         max_wait_ms: max_wait_ms.clone(),
         checkpoint,
         cursor_deleted: 0,
@@ -265,10 +272,10 @@ pub fn spawn(
         WriterHandle {
             tx,
             max_wait_ms,
-            queued,
             room,
             room_max,
             metrics: writer_metrics,
+            filled: Arc::new(tokio::sync::Notify::new()),
         },
         task,
     )
@@ -280,8 +287,6 @@ struct Writer {
     room: Arc<tokio::sync::Semaphore>,
     /// `store.queue_readings`.
     room_max: u32,
-    /// Readings queued and not yet taken (sessions add, the writer takes off).
-    queued: Arc<std::sync::atomic::AtomicU64>,
     /// Longest arrival-to-commit time since the pacer last looked, ms.
     max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Wakes the checkpointer once enough was written.
@@ -374,9 +379,6 @@ impl Writer {
                 if received == 0 {
                     break;
                 }
-                let taken: u64 = batch.iter().map(|f| f.body.readings()).sum();
-                self.queued
-                    .fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);
                 let permits: u64 = batch
                     .iter()
                     .map(|f| f.body.readings().min(u64::from(self.room_max)))
