@@ -233,6 +233,16 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
     .await;
     let expected: Vec<String> = (0..DEVICES).map(|i| format!("sim-{i:05}")).collect();
     assert_eq!(ids, serde_json::json!(expected));
+    // Each device shows its readings over the last minute (5 frames/s x 2 readings: 600),
+    // estimated from what the page has seen so far: not 0, nor the few seconds' count, while
+    // the page has watched for less than a minute (the count alone would reach 400 only
+    // after 40 s, past wait_true's 30).
+    wait_true(
+        &page,
+        "[...document.querySelectorAll('#devices tbody tr')].filter(tr => tr.querySelector('a'))
+           .every(tr => parseFloat(tr.cells[5].textContent.replace(/,/g, '')) >= 400)",
+    )
+    .await;
     assert_eq!(
         eval(&page, "localStorage.getItem('gatewayToken')").await,
         API_TOKEN,

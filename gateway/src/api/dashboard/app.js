@@ -162,10 +162,17 @@ async function pollDevices() {
   refreshRows();
 }
 
+// Readings the device had stored over the last minute, from the device list polled every 3 s;
+// while the page has watched for less than a minute, what it saw scaled to a minute. `null`
+// until two polls have been seen (unknown, not zero).
 function readingsLastMinute(id) {
   const seen = state.readingsSeen.get(id);
-  if (!seen || seen.length < 2) return 0;
-  return seen[seen.length - 1][1] - seen[0][1];
+  if (!seen || seen.length < 2) return null;
+  const [t0, n0] = seen[0];
+  const [t1, n1] = seen[seen.length - 1];
+  const span = t1 - t0;
+  if (span <= 0) return null;
+  return span >= 60000 ? n1 - n0 : ((n1 - n0) * 60000) / span;
 }
 
 function sortValue(d, key) {
@@ -174,7 +181,7 @@ function sortValue(d, key) {
     case "link": return d.link || "";
     case "firmware": return d.firmware_version || "";
     case "seen": return -(d.last_seen_ms || 0);
-    case "rate": return -readingsLastMinute(d.id);
+    case "rate": return -(readingsLastMinute(d.id) ?? -1);
     default: return d.id;
   }
 }
@@ -238,7 +245,8 @@ function renderTable() {
       setText(cell(tr, 2), d.link || "–");
       setText(cell(tr, 3), d.firmware_version || "–");
       setText(cell(tr, 4), d.online ? ago(d.last_seen_ms) : ago(d.last_seen_ms));
-      setText(cell(tr, 5), fmt(readingsLastMinute(d.id)));
+      const perMinute = readingsLastMinute(d.id);
+      setText(cell(tr, 5), perMinute == null ? "–" : fmt(perMinute));
       rows.push(tr);
     }
     rows.push(bottom);
