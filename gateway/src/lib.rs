@@ -19,6 +19,7 @@ pub mod live;
 pub mod metrics;
 pub mod pacing;
 pub mod payload;
+pub mod preflight;
 pub mod registry;
 pub mod session;
 pub mod stats;

@@ -71,6 +71,15 @@ enum Command {
         #[arg(long, default_value = "process-crash")]
         durability: String,
     },
+    /// Check a config file and the files it names (certificates, keys, secret files),
+    /// without starting anything. Exits non-zero naming the field.
+    CheckConfig {
+        /// The config file (or --config / GATEWAY_CONFIG; without any, the embedded
+        /// defaults are checked).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Provision, list and revoke devices.
     Devices {
         #[command(subcommand)]
@@ -182,6 +191,12 @@ fn main() -> std::process::ExitCode {
         match cli.command.unwrap_or(Command::Run(Box::new(cli.run))) {
             Command::Run(args) => run(*args).await,
             Command::Devices { command, common } => devices_cmd(command, common).await,
+            Command::CheckConfig { file, mut common } => {
+                if file.is_some() {
+                    common.config = file;
+                }
+                check_config(&common)
+            }
             Command::Broker { listen } => broker_cmd(listen).await,
             Command::BenchStore {
                 db,
@@ -329,13 +344,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // line must get a graceful stop, never the default action of SIGTERM.
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    if let Some(tls) = &config.tcp.tls {
-        // Refuse a bad certificate before listening, naming the file.
-        gateway::tls::server_config(&tls.cert_file, &tls.key_file)?;
-    }
-    if let Some(tls) = config.http.tls.as_ref().filter(|_| config.http.enabled) {
-        gateway::tls::server_config_for("http.tls", &tls.cert_file, &tls.key_file)?;
-    }
+    // Refuse a bad certificate or secret file before listening, naming the field and file.
+    gateway::preflight::check_files(&config)?;
 
     let fleet_secret = match (
         &config.auth.mode,
@@ -423,6 +433,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown,
     )
     .await
+}
+
+/// `gateway check-config`: the config and the files it names, nothing started.
+fn check_config(common: &Common) -> anyhow::Result<()> {
+    let config = load_config(common)?;
+    let found = gateway::preflight::check_files(&config)?;
+    for note in &found.notes {
+        println!("note: {note}");
+    }
+    match &common.config {
+        Some(path) => println!("config OK: {}", path.display()),
+        None => println!("config OK: the embedded defaults (no config file given)"),
+    }
+    Ok(())
 }
 
 async fn broker_cmd(listen: SocketAddr) -> anyhow::Result<()> {

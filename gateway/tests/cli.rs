@@ -81,6 +81,93 @@ fn a_broken_config_file_is_refused_with_the_field_named() {
     assert!(text(&bare.stderr).contains("/nonexistent/gateway.toml"));
 }
 
+#[test]
+fn check_config_names_the_field_or_file_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let path = dir.path().join("gateway.toml");
+    let check = |toml: &str| {
+        std::fs::write(&path, toml).unwrap();
+        gateway(&["check-config", path.to_str().unwrap()])
+    };
+
+    // The shipped example is valid as it stands.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway.example.toml");
+    let out = gateway(&["check-config", example]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("config OK"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let good = format!("data_dir = {:?}\n", data.to_str().unwrap());
+    let out = check(&good);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Missing secret files are created by the gateway: a note, not an error, and nothing
+    // is created by the check itself.
+    assert!(
+        text(&out.stdout).contains("fleet.secret"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(!data.exists(), "check-config created the data directory");
+
+    let out = check(&format!("{good}[store]\nqueue_readings = 3\n"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("store.queue_readings"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = check(&format!("{good}[tcp]\nlisten = \"nowhere\"\n"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("listen"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = check(&format!(
+        "{good}[tcp.tls]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n"
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("tcp.tls") && err.contains("/nonexistent/cert.pem"),
+        "{err}"
+    );
+
+    let garbage = dir.path().join("ca.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let out = check(&format!(
+        "{good}[mqtt]\nurl = \"mqtts://broker.example:8883\"\nca_file = {:?}\n",
+        garbage.to_str().unwrap()
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("mqtt.ca_file") && err.contains("ca.pem"),
+        "{err}"
+    );
+
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("api.token"), "\n").unwrap();
+    let out = check(&good);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("http.token_file") && err.contains("api.token"),
+        "{err}"
+    );
+
+    // --config works as well as the positional file.
+    let out = gateway(&["check-config", "--config", "/nonexistent/gateway.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/nonexistent/gateway.toml"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_processes_opening_a_fresh_store_at_once_all_succeed() {
     let dir = tempfile::tempdir().unwrap();
