@@ -177,6 +177,16 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     let pace = Arc::new(crate::pacing::PaceStatus::new(&config.pacing));
     let (hellos, hellos_rx) = tokio::sync::mpsc::channel(devices::HELLO_QUEUE);
     let hello_recorder = tokio::spawn(devices::record_hellos(store.pool().clone(), hellos_rx));
+    let limits = Arc::new(crate::limits::Limits::new(
+        config.limits.clone(),
+        config.session.hello_timeout,
+        metrics.clone(),
+    ));
+    limits.set_devices(
+        devices::count(store.pool())
+            .await
+            .context("counting the store's devices")?,
+    );
     let shared = Arc::new(Shared {
         writer,
         auth: Authenticator::new(config.auth.mode, fleet_secret, store.pool().clone()),
@@ -193,6 +203,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         hub: hub.clone(),
         hellos,
         guard,
+        limits,
     });
     // Background parts stop on their own token, after the links have drained.
     let background = CancellationToken::new();

@@ -16,6 +16,9 @@ pub enum AuthError {
     /// The device was revoked by an operator.
     #[error("device is revoked")]
     Revoked,
+    /// A new device past `limits.max_devices` (the message says so).
+    #[error("{0}")]
+    Limit(String),
     /// The store could not be asked.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -39,8 +42,14 @@ impl Authenticator {
         }
     }
 
-    /// Whether `token` proves `device_id`. A device seen for the first time is recorded.
-    pub async fn check(&self, device_id: &str, token: &str) -> Result<(), AuthError> {
+    /// Whether `token` proves `device_id`. A device seen for the first time is recorded
+    /// once `admit` lets it in (`limits.max_devices`).
+    pub async fn check(
+        &self,
+        device_id: &str,
+        token: &str,
+        admit: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), AuthError> {
         let creds = devices::credentials(&self.pool, device_id).await?;
         // An operator's revocation holds whatever the auth mode.
         if creds.as_ref().is_some_and(|c| c.revoked_at_ms.is_some()) {
@@ -60,6 +69,7 @@ impl Authenticator {
             }
         }
         if creds.is_none() {
+            admit().map_err(AuthError::Limit)?;
             devices::ensure(&self.pool, device_id).await?;
         }
         Ok(())

@@ -55,6 +55,8 @@ pub struct Config {
     pub anomaly: crate::anomaly::config::AnomalyConfig,
     /// How devices are slowed when the gateway falls behind.
     pub pacing: crate::pacing::PacingConfig,
+    /// What one source, device or the whole fleet may take of the gateway.
+    pub limits: crate::limits::LimitsConfig,
 }
 
 /// Parity of a serial line.
@@ -702,6 +704,9 @@ impl Config {
         self.pacing
             .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;
+        self.limits
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         if self
             .store
             .retention
@@ -829,6 +834,7 @@ mod tests {
         );
         assert_eq!(config.pacing.max_interval, defaults.pacing.max_interval);
         assert_eq!(config.shutdown.timeout, defaults.shutdown.timeout);
+        assert_eq!(config.limits, defaults.limits);
         assert_eq!(config.mqtt.url, defaults.mqtt.url);
         assert_eq!(config.mqtt.inflight, defaults.mqtt.inflight);
         assert_eq!(config.mqtt.topics.telemetry, defaults.mqtt.topics.telemetry);
@@ -856,6 +862,14 @@ mod tests {
             config.http.live_max_bytes_per_s,
             defaults.http.live_max_bytes_per_s
         );
+    }
+
+    #[test]
+    fn limits_are_checked_with_the_field_named() {
+        let err = Config::from_toml("[limits]\nmax_devices = 0\n").unwrap_err();
+        assert!(err.to_string().contains("limits.max_devices"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_sensors = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_sensors"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod broker;
 pub mod ceiling;
 pub mod commands;
 pub mod config;
+pub mod limits;
 pub mod link;
 pub mod live;
 pub mod metrics;

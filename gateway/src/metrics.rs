@@ -135,6 +135,8 @@ pub struct Metrics {
     pub anomaly_busy_seconds: Counter<f64, AtomicU64>,
     /// Links refused at connect because their address had a burst of failures.
     pub security_refused: Counter,
+    /// Times each `[limits]` setting was hit, in the order of [`crate::limits::LIMITS`].
+    pub limits_hit: [Counter; crate::limits::LIMITS.len()],
     /// WARN lines for link closes, by `ErrorCode`.
     link_error_log: [Throttle; ERROR_CODES],
     /// WARN lines for failed TLS handshakes.
@@ -485,6 +487,13 @@ impl Metrics {
                 r,
                 "security_refused",
                 "Links refused at connect after a burst of failures from their address",
+            ),
+            limits_hit: labelled(
+                r,
+                "limits_hit",
+                "Times a [limits] setting refused a link or frame, or slowed one, by limit",
+                "limit",
+                crate::limits::LIMITS,
             ),
             link_error_log: Default::default(),
             tls_failure_log: Throttle::default(),

@@ -75,4 +75,6 @@ pub struct Shared {
     pub hellos: tokio::sync::mpsc::Sender<HelloRecord>,
     /// Failed links per source address; refuses an address after a burst.
     pub guard: Arc<crate::anomaly::traffic::Guard>,
+    /// `[limits]`: connections, Hello rate, devices, sensors, frame size, device rate.
+    pub limits: Arc<crate::limits::Limits>,
 }

@@ -6,7 +6,7 @@
 //! and its shutdown: on cancellation it stops reading, waits (bounded) for its queued frames
 //! to commit, sends the final `Ack` and `ERROR_CODE_SHUTTING_DOWN`, and closes.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,11 +27,12 @@ use super::state::{SessionState, Step};
 use super::{LinkKind, Shared};
 use crate::auth::AuthError;
 use crate::bridge::StatusChange;
+use crate::limits::{Limit, RateGate};
 use crate::live::LiveEvent;
 use crate::registry::{LinkInfo, Registration};
 use crate::store::commands;
 use crate::store::devices::HelloRecord;
-use crate::store::writer::{Durable, WriteFrame};
+use crate::store::writer::{Durable, FrameBody, WriteFrame};
 use crate::store::{devices, now_ms};
 
 /// Why a link ended (for the log line and the error frame).
@@ -136,8 +137,14 @@ async fn run_in<L>(
         .ok()
         .map(|a| a.ip());
     let refused = addr.and_then(|a| shared.guard.refused(a, now_ms()));
-    let closed = match refused {
-        Some(left) => {
+    // Held until the link ends: its place under `limits.max_connections`.
+    let slot = match kind {
+        LinkKind::Serial => Ok(None),
+        LinkKind::Tcp | LinkKind::Tls => shared.limits.connect(addr).map(Some),
+    };
+    let closed = match (refused, slot) {
+        (_, Err(reason)) => Closed::with(ErrorCode::LimitExceeded, reason),
+        (Some(left), _) => {
             shared.metrics.security_refused.inc();
             Closed::with(
                 ErrorCode::LimitExceeded,
@@ -147,7 +154,7 @@ async fn run_in<L>(
                 ),
             )
         }
-        None => session.serve(&mut link, &shutdown, &span).await,
+        (None, Ok(_slot)) => session.serve(&mut link, &shutdown, &span).await,
     };
     if let (Some(addr), Some(code)) = (addr, closed.code) {
         if counts_against_source(code) {
@@ -304,8 +311,32 @@ impl Session<'_> {
         let device: Arc<str> = Arc::from(hello.device_id.as_str());
         span.record("device", &*device);
         self.claimed = Some(device.clone());
-        match self.shared.auth.check(&device, &hello.token).await {
+        // Before any credential is checked: a source sending Hellos faster than
+        // `limits.hellos_per_second_per_source` waits its turn.
+        let source = self
+            .peer
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip());
+        match self.shared.limits.hello(source, Instant::now()) {
+            Ok(wait) if wait.is_zero() => {}
+            Ok(wait) => {
+                tokio::select! {
+                    _ = sleep(wait) => {}
+                    _ = shutdown.cancelled() => {
+                        return Ended::Closed(Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down"))
+                    }
+                }
+            }
+            Err(reason) => return Ended::Closed(Closed::with(ErrorCode::LimitExceeded, reason)),
+        }
+        // A device the store has never seen takes a place under `limits.max_devices`.
+        let admit = || self.shared.limits.new_device(&device);
+        match self.shared.auth.check(&device, &hello.token, admit).await {
             Ok(()) => {}
+            Err(AuthError::Limit(reason)) => {
+                return Ended::Closed(Closed::with(ErrorCode::LimitExceeded, reason))
+            }
             Err(AuthError::Failed) => {
                 return Ended::Closed(Closed::with(
                     ErrorCode::AuthFailed,
@@ -438,6 +469,12 @@ impl Session<'_> {
         let idle_timeout = self.shared.config.idle_timeout;
         let idle = sleep(idle_timeout);
         tokio::pin!(idle);
+        let limits = self.shared.limits.config();
+        // `limits.device_readings_per_second`: while over, the link is not read.
+        let mut gate = RateGate::new(limits.device_readings_per_second, Instant::now());
+        let mut resume: Option<Instant> = None;
+        // The device's sensor names, loaded at its first Telemetry.
+        let mut sensors: Option<HashSet<String>> = None;
 
         loop {
             tokio::select! {
@@ -499,7 +536,10 @@ impl Session<'_> {
                 _ = &mut idle => {
                     return Ended::Closed(Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}")));
                 }
-                frame = link.next() => {
+                _ = tokio::time::sleep_until(resume.unwrap_or_else(Instant::now)), if resume.is_some() => {
+                    resume = None;
+                }
+                frame = link.next(), if resume.is_none() => {
                     let msg = match frame {
                         // A device may half-close after its last frame and still read:
                         // answer what it sent before closing our side.
@@ -516,6 +556,18 @@ impl Session<'_> {
                     registration.state.last_seen_ms.store(received_ms, Ordering::Relaxed);
                     match self.state.on_message(msg, received_ms as u64) {
                         Step::Store { seq, body } => {
+                            if let FrameBody::Telemetry(t) = &body {
+                                if let Err(closed) = self.check_telemetry(&device, t, &mut sensors).await {
+                                    return Ended::Closed(closed);
+                                }
+                            }
+                            if let Some(gate) = gate.as_mut() {
+                                let hold = gate.take(body.readings(), arrived);
+                                if !hold.is_zero() {
+                                    self.shared.limits.hit(Limit::DeviceRate);
+                                    resume = Some(arrived + hold);
+                                }
+                            }
                             pace.pace.frame(body.readings());
                             let frame = WriteFrame {
                                 device: device.clone(),
@@ -561,6 +613,55 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// `limits.max_readings_per_frame` and `limits.max_sensors_per_device` for one
+    /// Telemetry frame, before it is queued (a refused frame is neither stored nor acked).
+    async fn check_telemetry(
+        &self,
+        device: &str,
+        t: &proto::v1::Telemetry,
+        sensors: &mut Option<HashSet<String>>,
+    ) -> Result<(), Closed> {
+        let limits = &self.shared.limits;
+        let max = limits.config().max_readings_per_frame;
+        if t.readings.len() > max as usize {
+            limits.hit(Limit::ReadingsPerFrame);
+            return Err(Closed::with(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "a frame of {} readings (limits.max_readings_per_frame = {max})",
+                    t.readings.len()
+                ),
+            ));
+        }
+        let known = match sensors {
+            Some(known) => known,
+            None => {
+                let names = devices::sensor_names(&self.shared.pool, device)
+                    .await
+                    .map_err(|e| Closed::with(ErrorCode::Internal, format!("store: {e}")))?;
+                sensors.insert(names.into_iter().collect())
+            }
+        };
+        let max = limits.config().max_sensors_per_device as usize;
+        for r in &t.readings {
+            if !known.contains(&r.sensor) {
+                if known.len() >= max {
+                    limits.hit(Limit::SensorsPerDevice);
+                    return Err(Closed::with(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "new sensor {:?}: the device has {} (limits.max_sensors_per_device = {max})",
+                            r.sensor,
+                            known.len()
+                        ),
+                    ));
+                }
+                known.insert(r.sensor.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Sends an `Ack` for the newest durable seq, or closes if the commit failed.

@@ -66,6 +66,25 @@ pub async fn last_seq(pool: &SqlitePool, device_id: &str, epoch: u64) -> Result<
     Ok(seq.map_or(0, u64_from_sql))
 }
 
+/// Devices in the store (for `limits.max_devices`).
+pub async fn count(pool: &SqlitePool) -> Result<u64, StoreError> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
+        .fetch_one(pool)
+        .await?;
+    Ok(n.max(0) as u64)
+}
+
+/// The sensor names `device_id` has in the store (for `limits.max_sensors_per_device`).
+pub async fn sensor_names(pool: &SqlitePool, device_id: &str) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT se.name FROM devices d JOIN series s ON s.device = d.id
+         JOIN sensors se ON se.id = s.sensor WHERE d.device_id = ?",
+    )
+    .bind(device_id)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Records a device that authenticated, so the gateway owns it (MQTT subscriptions,
 /// commands) even before it sends data.
 pub async fn ensure(pool: &SqlitePool, device_id: &str) -> Result<(), StoreError> {
