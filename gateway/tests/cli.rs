@@ -192,3 +192,101 @@ async fn many_processes_opening_a_fresh_store_at_once_all_succeed() {
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
 }
+
+/// `gateway run` on `db`: its exit code and stderr, or a failure if it is still running
+/// after 30 s (it should have refused the store at once).
+fn run_on(db: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .args(["run", "--no-mqtt", "--no-http", "--auth", "none"])
+        .args(["--listen", "127.0.0.1:0", "--db"])
+        .arg(db)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gateway");
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut err)
+                .expect("read stderr");
+            return (status.code(), err);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("the gateway kept running on {}", db.display());
+}
+
+#[test]
+fn a_damaged_store_stops_the_gateway_naming_the_file_and_is_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let out = gateway(&["devices", "--db", db.to_str().unwrap(), "add", "seed"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Enough rows for a table of many pages, then a page in its middle overwritten.
+    let mut conn = rusqlite::Connection::open(&db).unwrap();
+    let tx = conn.transaction().unwrap();
+    for i in 0..5000 {
+        tx.execute(
+            "INSERT INTO devices (device_id, created_at_ms) VALUES (?1, 0)",
+            [format!("device-with-a-longish-name-{i:05}")],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    drop(conn);
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = 4096;
+    let at = (pages as usize - 3) * page;
+    bytes[at..at + page].fill(0xa5);
+    std::fs::write(&db, &bytes).unwrap();
+
+    let (code, err) = run_on(&db);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("damaged") && err.contains(db.to_str().unwrap()) && err.contains(".recover"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        bytes,
+        "the damaged file was written to"
+    );
+
+    // Not a database at all: the same, and not recreated.
+    let junk = dir.path().join("junk.db");
+    let garbage =
+        b"this is not an SQLite file, but it is long enough to have a header.....".repeat(80);
+    std::fs::write(&junk, &garbage).unwrap();
+    let (code, err) = run_on(&junk);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("damaged") && err.contains("junk.db"), "{err}");
+    assert_eq!(std::fs::read(&junk).unwrap(), garbage);
+}
+
+#[test]
+fn a_store_from_a_newer_gateway_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let out = gateway(&["devices", "--db", db.to_str().unwrap(), "add", "seed"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000000, 'from the future', 1, x'00', 0)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let (code, err) = run_on(&db);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(db.to_str().unwrap()) && err.contains("newer gateway"),
+        "{err}"
+    );
+}

@@ -45,9 +45,34 @@ pub enum StoreError {
     /// A frame could not be re-encoded for the outbox.
     #[error("encoding a frame for the outbox: {0}")]
     Encode(String),
-    /// A migration failed.
-    #[error("applying migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The file is not a sound SQLite database: the gateway refuses to write to it.
+    #[error(
+        "the store {} is damaged ({detail}); the gateway will not write to it. Stop here, keep a copy \
+         of the file (with its -wal), and salvage what it holds: \
+         `sqlite3 {} .recover | sqlite3 recovered.db`, then point store.path at recovered.db \
+         (README, \"A damaged store\")",
+        path.display(),
+        path.display()
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite said.
+        detail: String,
+    },
+    /// The file's migrations do not match this gateway's.
+    #[error(
+        "the store {} cannot be brought to this gateway's schema ({source}); nothing was changed \
+         by the failed step (each migration is one transaction). If a newer gateway wrote it, \
+         run that version or restore a backup (README, \"A damaged store\")",
+        path.display()
+    )]
+    Schema {
+        /// The file.
+        path: PathBuf,
+        /// What sqlx said.
+        source: sqlx::migrate::MigrateError,
+    },
     /// The open lock file could not be taken.
     #[error("locking {path} to open the store: {source}")]
     Lock {
@@ -131,13 +156,55 @@ impl Store {
         }
         let options = connect_options(path, durability)?;
         let lock = lock_for_open(path).await?;
+        let damaged = |detail: String| StoreError::Damaged {
+            path: path.to_path_buf(),
+            detail,
+        };
+        // Checked before anything can write to it (switching to WAL rewrites the header, a
+        // checkpoint rewrites pages): read-only.
+        let checked = if path.exists() {
+            let read_only = SqliteConnectOptions::new().filename(path).read_only(true);
+            match SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(read_only)
+                .await
+            {
+                Ok(pool) => {
+                    let checked = check_integrity(&pool).await;
+                    pool.close().await;
+                    checked.map_err(damaged)?;
+                    true
+                }
+                Err(e) => match corruption(&e) {
+                    Some(detail) => return Err(damaged(detail)),
+                    // Cannot be opened read-only (e.g. its -shm is not writable by us):
+                    // checked below instead.
+                    None => false,
+                },
+            }
+        } else {
+            true // a new store
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.clone())
-            .await?;
+            .await
+            .map_err(|e| match corruption(&e) {
+                Some(detail) => damaged(detail),
+                None => StoreError::Sqlite(e),
+            })?;
+        if !checked {
+            check_integrity(&pool).await.map_err(damaged)?;
+        }
         let migrator = sqlx::migrate!("../migrations");
         announce_migrations(&pool, &migrator).await;
-        migrator.run(&pool).await?;
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|source| StoreError::Schema {
+                path: path.to_path_buf(),
+                source,
+            })?;
         drop(lock); // released: others may open the file now
         Ok(Self {
             pool,
@@ -173,6 +240,32 @@ impl Store {
     pub fn writer_connection(&self) -> Result<rusqlite::Connection, StoreError> {
         batch::open_connection(&self.path, self.durability)
     }
+}
+
+/// `PRAGMA quick_check` (the b-trees, not the index contents): `Err` with SQLite's first
+/// findings when the file is damaged. It reads the whole file once: about a second per GiB
+/// here, paid at start only.
+async fn check_integrity(pool: &SqlitePool) -> Result<(), String> {
+    let rows: Vec<String> = match sqlx::query_scalar("PRAGMA quick_check(5)")
+        .fetch_all(pool)
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => return Err(corruption(&e).unwrap_or_else(|| e.to_string())),
+    };
+    if rows.len() == 1 && rows[0] == "ok" {
+        Ok(())
+    } else {
+        Err(format!("PRAGMA quick_check: {}", rows.join("; ")))
+    }
+}
+
+/// SQLite's own words when `e` says the file is not a database or is corrupt.
+fn corruption(e: &sqlx::Error) -> Option<String> {
+    let db = e.as_database_error()?;
+    // SQLITE_CORRUPT (11) and SQLITE_NOTADB (26), with or without extended bits.
+    let code: i64 = db.code()?.parse().ok()?;
+    matches!(code & 0xff, 11 | 26).then(|| db.message().to_owned())
 }
 
 /// Logs the migrations an existing store is about to get (one line): some rewrite a table,
