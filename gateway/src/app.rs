@@ -62,9 +62,13 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         None => None,
     };
     let db_path = config.db_path();
-    let store = Store::open(&db_path, config.store.durability)
-        .await
-        .with_context(|| format!("opening the store {}", db_path.display()))?;
+    let store = Store::open_checked(
+        &db_path,
+        config.store.durability,
+        config.store.check_at_start,
+    )
+    .await
+    .with_context(|| format!("opening the store {}", db_path.display()))?;
     let writer_conn = store
         .writer_connection()
         .context("opening the store writer's connection")?;
@@ -286,6 +290,12 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         ));
     }
 
+    // Pings end when the stop begins (systemd watches a stopping service by TimeoutStopSec).
+    let watchdog = tokio::spawn(crate::service::watchdog(
+        shared.writer.probe(),
+        shutdown.clone(),
+    ));
+    crate::service::ready();
     let mut sessions = tcp::accept_loop(
         listener,
         shared.clone(),
@@ -296,6 +306,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     .await;
 
     // Shutdown: sessions stop reading, wait for their commits, ack and close.
+    crate::service::stopping();
     tracing::info!(
         links = sessions.len(),
         "shutting down: draining device links"
@@ -347,7 +358,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         }
     }
     background.cancel();
-    for task in [sampler, deadlines, revocations, detector] {
+    for task in [sampler, deadlines, revocations, detector, watchdog] {
         let _ = task.await;
     }
     let _ = timeout(Duration::from_secs(2), hello_recorder).await;

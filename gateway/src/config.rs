@@ -290,6 +290,11 @@ pub struct StoreConfig {
     /// Default: unset, keep everything.
     #[serde(with = "humantime_serde")]
     pub retention: Option<Duration>,
+    /// Run `PRAGMA quick_check` on the store at start, before anything writes to it, and
+    /// refuse a damaged file. It reads the whole file: on this project's test machine 1.5 s
+    /// for 10 million readings (365 MB) with the file in the page cache, 10 s from disk.
+    /// Default true.
+    pub check_at_start: bool,
 }
 
 impl Default for StoreConfig {
@@ -302,6 +307,7 @@ impl Default for StoreConfig {
             queue_readings: 65_536,
             batch_max_readings: 32_768,
             retention: None,
+            check_at_start: true,
         }
     }
 }

@@ -146,8 +146,19 @@ fn connect_options(
 }
 
 impl Store {
-    /// Opens (creating if missing) the SQLite file at `path` and applies the migrations.
+    /// Opens (creating if missing) the SQLite file at `path`, checks it, and applies the
+    /// migrations.
     pub async fn open(path: &Path, durability: Durability) -> Result<Self, StoreError> {
+        Self::open_checked(path, durability, true).await
+    }
+
+    /// [`Store::open`], with `PRAGMA quick_check` at open only if `check`
+    /// (`store.check_at_start`).
+    pub async fn open_checked(
+        path: &Path,
+        durability: Durability,
+        check: bool,
+    ) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.to_path_buf(),
@@ -162,7 +173,9 @@ impl Store {
         };
         // Checked before anything can write to it (switching to WAL rewrites the header, a
         // checkpoint rewrites pages): read-only.
-        let checked = if path.exists() {
+        let checked = if !check {
+            true
+        } else if path.exists() {
             let read_only = SqliteConnectOptions::new().filename(path).read_only(true);
             match SqlitePoolOptions::new()
                 .max_connections(1)

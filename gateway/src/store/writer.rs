@@ -80,6 +80,8 @@ pub struct WriterHandle {
     tx: mpsc::Sender<WriteFrame>,
     /// The longest a frame waited for its commit since the pacer last looked, ms.
     max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// When the running commit began, Unix ms (0: none running).
+    commit_started_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Room in the queue, in readings (`store.queue_readings` permits): what is taken is
     /// what is queued.
     room: Arc<tokio::sync::Semaphore>,
@@ -139,6 +141,7 @@ impl WriterHandle {
         QueueProbe {
             tx: self.tx.downgrade(),
             max_wait_ms: self.max_wait_ms.clone(),
+            commit_started_ms: self.commit_started_ms.clone(),
             room: self.room.clone(),
             room_max: self.room_max,
             filled: self.filled.clone(),
@@ -151,6 +154,7 @@ impl WriterHandle {
 pub struct QueueProbe {
     tx: mpsc::WeakSender<WriteFrame>,
     max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
+    commit_started_ms: Arc<std::sync::atomic::AtomicU64>,
     room: Arc<tokio::sync::Semaphore>,
     room_max: u32,
     filled: Arc<tokio::sync::Notify>,
@@ -168,6 +172,21 @@ impl QueueProbe {
             self.max_wait_ms
                 .swap(0, std::sync::atomic::Ordering::Relaxed),
         )
+    }
+
+    /// How long the writer's running commit has taken so far (`None`: none running).
+    pub fn commit_running_for(&self) -> Option<Duration> {
+        let started = self
+            .commit_started_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (started != 0).then(|| {
+            Duration::from_millis(super::now_ms().saturating_sub(started as i64).max(0) as u64)
+        })
+    }
+
+    /// Whether the writer is still running.
+    pub fn writer_alive(&self) -> bool {
+        self.tx.upgrade().is_some()
     }
 
     /// Readings waiting in the queue (not yet taken by the writer): the room taken. A frame
@@ -244,6 +263,7 @@ pub fn spawn(
     } = parts;
     let (tx, rx) = mpsc::channel(queue_frames);
     let max_wait_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let commit_started_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer_metrics = metrics.clone();
     let room_max = u32::try_from(queue_readings.max(1)).unwrap_or(u32::MAX >> 3);
     let room = Arc::new(tokio::sync::Semaphore::new(room_max as usize));
@@ -251,6 +271,7 @@ pub fn spawn(
         room: room.clone(),
         room_max,
         max_wait_ms: max_wait_ms.clone(),
+        commit_started_ms: commit_started_ms.clone(),
         checkpoint,
         cursor_deleted: 0,
         cursor_at: std::time::Instant::now(),
@@ -272,6 +293,7 @@ pub fn spawn(
         WriterHandle {
             tx,
             max_wait_ms,
+            commit_started_ms,
             room,
             room_max,
             metrics: writer_metrics,
@@ -289,6 +311,8 @@ struct Writer {
     room_max: u32,
     /// Longest arrival-to-commit time since the pacer last looked, ms.
     max_wait_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// When the running commit began, Unix ms (0: none running); the watchdog reads it.
+    commit_started_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Wakes the checkpointer once enough was written.
     checkpoint: Option<CheckpointHandle>,
     /// Outbox rows up to this id are deleted.
@@ -393,6 +417,10 @@ impl Writer {
                 carry = batch.split_off(cut);
             }
             let started = std::time::Instant::now();
+            self.commit_started_ms.store(
+                super::now_ms().max(1) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             match self.batcher.commit(&batch) {
                 Ok(stored) => {
                     self.metrics.record_batch(
@@ -439,6 +467,8 @@ impl Writer {
                     }
                 }
             }
+            self.commit_started_ms
+                .store(0, std::sync::atomic::Ordering::Relaxed);
             batch.clear();
         }
         // Sessions still waiting for room learn that the writer is gone.
