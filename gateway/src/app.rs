@@ -72,6 +72,9 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     let writer_conn = store
         .writer_connection()
         .context("opening the store writer's connection")?;
+    if let Some(max) = config.store.max_bytes {
+        crate::store::limit_size(&writer_conn, max).context("applying store.max_bytes")?;
+    }
     let registry = Arc::new(Registry::default());
     let hub = Hub::new(config.http.live_buffer);
     // The bridge outlives the sessions and the writer on shutdown, so it stops on its own

@@ -295,6 +295,11 @@ pub struct StoreConfig {
     /// for 10 million readings (365 MB) with the file in the page cache, 10 s from disk.
     /// Default true.
     pub check_at_start: bool,
+    /// The most bytes the database file may take (SQLite's `max_page_count` on the writer's
+    /// connection; the WAL adds up to 256 MiB). At the limit the store is full, as on a full
+    /// disk: nothing more is acknowledged until space returns (retention deletes old rows,
+    /// or the limit is raised). Default: unset, the disk is the limit.
+    pub max_bytes: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -308,6 +313,7 @@ impl Default for StoreConfig {
             batch_max_readings: 32_768,
             retention: None,
             check_at_start: true,
+            max_bytes: None,
         }
     }
 }
@@ -694,6 +700,12 @@ impl Config {
         }
         if self.store.queue_frames < 1 {
             return Err(invalid("store.queue_frames", "must be at least 1"));
+        }
+        if self.store.max_bytes.is_some_and(|b| b < 1024 * 1024) {
+            return Err(invalid(
+                "store.max_bytes",
+                "must be at least 1 MiB (1048576)",
+            ));
         }
         if !(256..=1_000_000).contains(&self.store.batch_max_readings) {
             return Err(invalid(

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub batches_committed: Counter,
     /// Transactions that failed (their links were closed unacknowledged).
     pub commit_failures: Counter,
+    /// 1 while the store is full (the disk, or `store.max_bytes`): nothing is acknowledged
+    /// until a commit succeeds again.
+    pub store_full: Gauge,
     /// Frames per committed batch.
     pub batch_frames: Histogram,
     /// Time one batch commit took.
@@ -287,6 +290,12 @@ impl Metrics {
                 r,
                 "store_commit_failures",
                 "Store transactions that failed (their links closed unacknowledged)",
+            ),
+            store_full: gauge(
+                r,
+                "store_full",
+                "1 while the store is full (disk full or store.max_bytes): devices are held back and nothing is acknowledged",
+                None,
             ),
             batch_frames: histogram(
                 r,

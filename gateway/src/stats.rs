@@ -110,6 +110,11 @@ impl Stats {
         if self.probe.fill().is_none() {
             return Health::Failing("the store writer has stopped".into());
         }
+        if self.metrics.store_full.get() != 0 {
+            return Health::Failing(
+                "the store is full (disk full or store.max_bytes): devices are held back and nothing is acknowledged until space returns".into(),
+            );
+        }
         self.health
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -180,6 +180,9 @@ pub struct StatsBody {
     pub store_queue_fill: f64,
     /// Size of the SQLite database and WAL, bytes.
     pub store_size_bytes: i64,
+    /// The store is full (disk full or `store.max_bytes`): nothing is acknowledged and
+    /// devices are held back until space returns.
+    pub store_full: bool,
     /// The MQTT uplink.
     pub mqtt: Uplink,
     /// Pacing.
@@ -232,6 +235,7 @@ pub async fn stats(
         frames_total: m.frames_stored.get(),
         store_queue_fill: m.store_queue_fill.get(),
         store_size_bytes: m.store_bytes.get(),
+        store_full: m.store_full.get() != 0,
         mqtt: uplink(&state),
         pacing: pacing(&state),
         devices_online: state.registry.len(),

@@ -83,6 +83,25 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// SQLite said the disk (or `max_page_count`, from `store.max_bytes`) is full.
+    pub fn is_full(&self) -> bool {
+        let code = match self {
+            StoreError::Rusqlite(rusqlite::Error::SqliteFailure(e, _)) => e.extended_code,
+            StoreError::Sqlite(e) => match e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .and_then(|c| c.parse::<i32>().ok())
+            {
+                Some(code) => code,
+                None => return false,
+            },
+            _ => return false,
+        };
+        code & 0xff == rusqlite::ffi::SQLITE_FULL
+    }
+}
+
 /// An opened store: a pool for reads and administration; the writer opens a connection of
 /// its own ([`Store::writer_connection`]).
 pub struct Store {
@@ -327,6 +346,24 @@ async fn lock_for_open(db: &Path) -> Result<std::fs::File, StoreError> {
         .await
         .map_err(|e| lock_err(std::io::Error::other(e)))?
         .map_err(lock_err)
+}
+
+/// `store.max_bytes`: caps the database file at `max` bytes through `max_page_count` on the
+/// writer's connection (the one that grows it). A store already bigger is full at once.
+pub fn limit_size(conn: &rusqlite::Connection, max: u64) -> Result<(), StoreError> {
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages = (max / page.max(512) as u64).max(1) as i64;
+    let set: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+        r.get(0)
+    })?;
+    if set > pages {
+        tracing::warn!(
+            max_bytes = max,
+            size_bytes = set * page,
+            "the store is already bigger than store.max_bytes: it takes nothing more until it shrinks or the limit rises"
+        );
+    }
+    Ok(())
 }
 
 /// A u64 from the wire as the SQLite integer with the same bits.

@@ -33,6 +33,9 @@ use crate::config::BacklogPolicy;
 use crate::live::{Batch, Committed, Hub, LiveEvent};
 use crate::metrics::Metrics;
 
+/// How often a full store is tried again.
+const FULL_RETRY: Duration = Duration::from_secs(1);
+
 /// What a session learns from the writer: how far its frames are durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Durable {
@@ -416,12 +419,47 @@ impl Writer {
             if let Some(cut) = cut_at(&batch, batch_max_readings) {
                 carry = batch.split_off(cut);
             }
+            // A link whose frames failed to commit is closing, and its device resends from
+            // its last ack: a later frame of it must not commit first, or its stream's
+            // stored seq would pass the failed frames and their resends would be taken
+            // for duplicates (acknowledged, never stored).
+            batch.retain(|f| !f.acks.borrow().failed);
+            if batch.is_empty() {
+                continue;
+            }
             let started = std::time::Instant::now();
             self.commit_started_ms.store(
                 super::now_ms().max(1) as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
-            match self.batcher.commit(&batch) {
+            let mut result = self.batcher.commit(&batch);
+            // A full store (the disk, or `store.max_bytes`): keep the batch, acknowledge
+            // nothing, and try again until space returns. Sessions wait for their acks and
+            // then for room in the queue, so devices are paced, then held back.
+            while result.as_ref().is_err_and(super::StoreError::is_full) {
+                self.batcher.forget();
+                if self.metrics.store_full.get() == 0 {
+                    self.metrics.store_full.set(1);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, frames = batch.len(), "the store is full: nothing is acknowledged and devices are held back until space returns (free disk space, or raise store.max_bytes)");
+                    }
+                }
+                self.metrics.commit_failures.inc();
+                if rx.is_closed() {
+                    break; // stopping: these frames are resent after the restart
+                }
+                tokio::time::sleep(FULL_RETRY).await;
+                self.commit_started_ms.store(
+                    super::now_ms().max(1) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                result = self.batcher.commit(&batch);
+            }
+            if result.is_ok() && self.metrics.store_full.get() != 0 {
+                self.metrics.store_full.set(0);
+                tracing::warn!("the store has space again: acknowledging and taking frames again");
+            }
+            match result {
                 Ok(stored) => {
                     self.metrics.record_batch(
                         batch.len() as u64,

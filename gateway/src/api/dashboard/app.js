@@ -113,7 +113,10 @@ async function pollStats() {
   $("#frame-rate").textContent = fmt(stats.rates.last_10s.frames_per_s);
   const m = stats.mqtt;
   $("#mqtt").textContent = !m.enabled ? "off" : `${m.connected ? "connected" : "disconnected"}, ${fmt(m.backlog_rows)} queued`;
-  $("#queue").textContent = `${Math.round(stats.store_queue_fill * 100)} %`;
+  $("#queue").textContent = stats.store_full
+    ? "STORE FULL: devices held back"
+    : `${Math.round(stats.store_queue_fill * 100)} %`;
+  $("#queue").classList.toggle("alarm", Boolean(stats.store_full));
   const pacing = stats.pacing;
   $("#pacing").textContent = pacing.state === "slowing"
     ? `slowing ${pacing.devices_paced} device(s) to 1 frame / ${pacing.report_interval_ms} ms`
