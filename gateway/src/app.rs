@@ -43,6 +43,10 @@ pub struct Inputs {
     pub metrics: Arc<Metrics>,
     /// The bound HTTP listener of the operator API, and its token; `None`: no HTTP.
     pub http: Option<(TcpListener, String)>,
+    /// New configurations to apply while running (SIGHUP), already validated.
+    pub reloads: Option<tokio::sync::mpsc::Receiver<Config>>,
+    /// Sets the log filter on reload; `None` when `RUST_LOG` decides.
+    pub log: Option<crate::reload::LogFilter>,
 }
 
 /// Runs the gateway until `shutdown` is cancelled, then drains and returns.
@@ -53,12 +57,13 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         fleet_secret,
         metrics,
         http,
+        reloads,
+        log,
     } = inputs;
     let tls = match &config.tcp.tls {
-        Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
-            &t.cert_file,
-            &t.key_file,
-        )?)),
+        Some(t) => Some(Arc::new(std::sync::RwLock::new(
+            tokio_rustls::TlsAcceptor::from(crate::tls::server_config(&t.cert_file, &t.key_file)?),
+        ))),
         None => None,
     };
     let db_path = config.db_path();
@@ -159,6 +164,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     let checkpointer = store
         .checkpointer(metrics.clone())
         .context("starting the WAL checkpointer")?;
+    let (retention_tx, retention_rx) = tokio::sync::watch::channel(config.store.retention);
     let (writer, writer_task) = writer::spawn(
         writer_conn,
         writer::WriterParts {
@@ -167,7 +173,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
             queue_readings: config.store.queue_readings,
             batch_max_readings: config.store.batch_max_readings,
             backlog: backlog.clone(),
-            retention: config.store.retention,
+            retention: retention_rx,
             metrics: metrics.clone(),
             hub: hub.clone(),
             anomalies: anomaly_rx,
@@ -293,6 +299,18 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         ));
     }
 
+    let reloader = reloads.map(|updates| {
+        tokio::spawn(
+            crate::reload::Reloader {
+                current: config.clone(),
+                limits: shared.limits.clone(),
+                tls: tls.clone(),
+                retention: retention_tx,
+                log,
+            }
+            .run(updates),
+        )
+    });
     // Pings end when the stop begins (systemd watches a stopping service by TimeoutStopSec).
     let watchdog = tokio::spawn(crate::service::watchdog(
         shared.writer.probe(),
@@ -367,6 +385,9 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
     let _ = timeout(Duration::from_secs(2), hello_recorder).await;
     reporter.abort();
     pacer.abort();
+    if let Some(r) = reloader {
+        r.abort();
+    }
     log_summary(&metrics, "stopped");
     Ok(())
 }

@@ -57,6 +57,26 @@ pub struct Config {
     pub pacing: crate::pacing::PacingConfig,
     /// What one source, device or the whole fleet may take of the gateway.
     pub limits: crate::limits::LimitsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// What is logged: a level (`error`, `warn`, `info`, `debug`, `trace`) or `tracing`
+    /// directives such as `"info,gateway::pacing=debug"`. `RUST_LOG`, when set, decides
+    /// instead. Default `"info"`. Changed by a reload (SIGHUP).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
 }
 
 /// Parity of a serial line.
@@ -725,6 +745,9 @@ impl Config {
         self.limits
             .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", e.to_string()));
+        }
         if self
             .store
             .retention
@@ -853,6 +876,7 @@ mod tests {
         assert_eq!(config.pacing.max_interval, defaults.pacing.max_interval);
         assert_eq!(config.shutdown.timeout, defaults.shutdown.timeout);
         assert_eq!(config.limits, defaults.limits);
+        assert_eq!(config.log, defaults.log);
         assert_eq!(config.mqtt.url, defaults.mqtt.url);
         assert_eq!(config.mqtt.inflight, defaults.mqtt.inflight);
         assert_eq!(config.mqtt.topics.telemetry, defaults.mqtt.topics.telemetry);

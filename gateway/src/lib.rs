@@ -22,6 +22,7 @@ pub mod pacing;
 pub mod payload;
 pub mod preflight;
 pub mod registry;
+pub mod reload;
 pub mod service;
 pub mod session;
 pub mod stats;

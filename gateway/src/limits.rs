@@ -124,7 +124,8 @@ struct Bucket {
 
 /// The gateway-wide state of the limits.
 pub struct Limits {
-    config: LimitsConfig,
+    /// Replaced whole by a reload (SIGHUP).
+    config: std::sync::RwLock<Arc<LimitsConfig>>,
     hello_wait_max: Duration,
     metrics: Arc<Metrics>,
     connections: AtomicU32,
@@ -164,7 +165,7 @@ impl Limits {
     /// Limits from `config`; a Hello waits at most `hello_wait_max` for its turn.
     pub fn new(config: LimitsConfig, hello_wait_max: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
             hello_wait_max,
             metrics,
             connections: AtomicU32::new(0),
@@ -174,9 +175,18 @@ impl Limits {
         }
     }
 
-    /// The settings.
-    pub fn config(&self) -> &LimitsConfig {
-        &self.config
+    /// The settings now.
+    pub fn config(&self) -> Arc<LimitsConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// New settings (a reload). Links already open keep their places; the new limits apply
+    /// to what comes next (a new link, a Hello, a frame).
+    pub fn set_config(&self, config: LimitsConfig) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 
     /// Counts a hit of `limit`.
@@ -187,21 +197,22 @@ impl Limits {
     /// Admits a new link from `source` (`None`: not a network link), or says which limit
     /// it is over.
     pub fn connect(self: &Arc<Self>, source: Option<IpAddr>) -> Result<ConnectionSlot, String> {
+        let config = self.config();
         let open = self.connections.fetch_add(1, Ordering::Relaxed);
         // From here on the slot gives the count back, whatever happens.
         let mut slot = ConnectionSlot {
             limits: self.clone(),
             source: None,
         };
-        if open >= self.config.max_connections {
+        if open >= config.max_connections {
             self.hit(Limit::Connections);
             return Err(format!(
                 "the gateway has {open} links open (limits.max_connections = {})",
-                self.config.max_connections
+                config.max_connections
             ));
         }
         if let Some(addr) = source {
-            let max = self.config.max_connections_per_source;
+            let max = config.max_connections_per_source;
             let mut map = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
             let n = map.entry(addr).or_insert(0);
             if max > 0 && *n >= max {
@@ -221,7 +232,8 @@ impl Limits {
     /// How long a Hello from `source` must wait for its turn under
     /// `hellos_per_second_per_source` (zero: at once), or why it is refused.
     pub fn hello(&self, source: Option<IpAddr>, now: Instant) -> Result<Duration, String> {
-        let rate = f64::from(self.config.hellos_per_second_per_source);
+        let config = self.config();
+        let rate = f64::from(config.hellos_per_second_per_source);
         let Some(addr) = source.filter(|_| rate > 0.0) else {
             return Ok(Duration::ZERO);
         };
@@ -242,7 +254,7 @@ impl Limits {
             self.hit(Limit::HellosPerSource);
             return Err(format!(
                 "too many Hellos from {addr} (limits.hellos_per_second_per_source = {})",
-                self.config.hellos_per_second_per_source
+                config.hellos_per_second_per_source
             ));
         }
         b.tokens -= 1.0;
@@ -260,7 +272,7 @@ impl Limits {
 
     /// A device the store does not know said Hello: admits it under `max_devices`.
     pub fn new_device(&self, device: &str) -> Result<(), String> {
-        let max = self.config.max_devices;
+        let max = self.config().max_devices;
         let taken = self
             .devices
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {

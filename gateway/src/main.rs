@@ -29,7 +29,7 @@ struct Cli {
     run: RunArgs,
 }
 
-#[derive(clap::Args, Default)]
+#[derive(clap::Args, Default, Clone)]
 struct Common {
     /// TOML config file (see gateway.example.toml). Without it, embedded defaults.
     #[arg(long, short, env = "GATEWAY_CONFIG")]
@@ -89,7 +89,7 @@ enum Command {
     },
 }
 
-#[derive(clap::Args, Default)]
+#[derive(clap::Args, Default, Clone)]
 struct RunArgs {
     #[command(flatten)]
     common: Common,
@@ -172,14 +172,23 @@ enum DevicesCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // RUST_LOG decides when set; otherwise `log.level` from the config (and a reload).
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let env_set = from_env.is_some();
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(
+        from_env.unwrap_or_else(|| log_filter("info").unwrap_or_default()),
+    );
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let log: Option<LogHandle> = (!env_set).then_some(filter_handle);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -189,7 +198,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Run(Box::new(cli.run))) {
-            Command::Run(args) => run(*args).await,
+            Command::Run(args) => run(*args, log).await,
             Command::Devices { command, common } => devices_cmd(command, common).await,
             Command::CheckConfig { file, mut common } => {
                 if file.is_some() {
@@ -287,7 +296,39 @@ fn load_or_create_secret(path: &Path, what: &str) -> anyhow::Result<(Vec<u8>, bo
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// The reloadable log filter (`None` when `RUST_LOG` decides).
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// `log.level` as a filter; the embedded broker's own logging stays off unless named.
+fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    let directives = if level.contains("rumqttd") {
+        level.to_owned()
+    } else {
+        format!("{level},rumqttd=off")
+    };
+    tracing_subscriber::EnvFilter::try_new(directives).map_err(|e| e.to_string())
+}
+
+async fn run(args: RunArgs, log: Option<LogHandle>) -> anyhow::Result<()> {
+    let config = run_config(&args)?;
+    if let Some(handle) = &log {
+        let filter = log_filter(&config.log.level).map_err(anyhow::Error::msg)?;
+        handle.reload(filter).context("setting log.level")?;
+    }
+    // Before anything says "listening": a supervisor that signals as soon as it reads that
+    // line must get a graceful stop, never the default action of SIGTERM.
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    let reloads = spawn_reload_handler(args.clone())?;
+    // Refuse a bad certificate or secret file before listening, naming the field and file.
+    gateway::preflight::check_files(&config)?;
+    serve_with(config, shutdown, reloads, log).await
+}
+
+/// The configuration `gateway run` uses: the file, then the flags over it, validated.
+fn run_config(args: &RunArgs) -> anyhow::Result<Config> {
+    let args = args.clone();
     let mut config = load_config(&args.common)?;
     if let Some(listen) = args.listen {
         config.tcp.listen = listen;
@@ -340,13 +381,51 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
     config.validate()?;
-    // Before anything says "listening": a supervisor that signals as soon as it reads that
-    // line must get a graceful stop, never the default action of SIGTERM.
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
-    // Refuse a bad certificate or secret file before listening, naming the field and file.
-    gateway::preflight::check_files(&config)?;
+    Ok(config)
+}
 
+/// SIGHUP: reads the config file again (with the same flags over it) and hands it to the
+/// running gateway; a file that does not validate, or names files that do not load, is
+/// refused here and the running settings stay.
+fn spawn_reload_handler(args: RunArgs) -> anyhow::Result<tokio::sync::mpsc::Receiver<Config>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let path = args
+                .common
+                .config
+                .as_ref()
+                .map_or("(no config file: defaults and flags)".into(), |p| {
+                    p.display().to_string()
+                });
+            tracing::info!(file = %path, "SIGHUP: reading the configuration again");
+            let checked = run_config(&args).and_then(|c| {
+                gateway::preflight::check_files(&c)?;
+                Ok(c)
+            });
+            match checked {
+                Ok(config) => {
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("reload refused: {e:#}; the running settings stay")
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+async fn serve_with(
+    config: Config,
+    shutdown: CancellationToken,
+    reloads: tokio::sync::mpsc::Receiver<Config>,
+    log: Option<LogHandle>,
+) -> anyhow::Result<()> {
     let fleet_secret = match (
         &config.auth.mode,
         config.auth.fleet_tokens,
@@ -429,6 +508,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             fleet_secret,
             metrics: Arc::default(),
             http,
+            reloads: Some(reloads),
+            log: log.map(|handle| -> gateway::reload::LogFilter {
+                Box::new(move |level: &str| {
+                    let filter = log_filter(level)?;
+                    handle.reload(filter).map_err(|e| e.to_string())
+                })
+            }),
         },
         shutdown,
     )

@@ -35,7 +35,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     max_frame_bytes: usize,
-    tls: Option<TlsAcceptor>,
+    tls: Option<crate::reload::SharedAcceptor>,
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
     let mut sessions = JoinSet::new();
@@ -56,7 +56,9 @@ pub async fn accept_loop(
                             sessions.spawn(task::run(shared.clone(), link, LinkKind::Tcp, peer.to_string(), shutdown.clone()));
                         }
                         Some(acceptor) => {
-                            sessions.spawn(serve_tls(shared.clone(), stream, peer, acceptor.clone(), max_frame_bytes, shutdown.clone()));
+                            // The current certificate (a reload may have replaced it).
+                            let acceptor = acceptor.read().unwrap_or_else(|e| e.into_inner()).clone();
+                            sessions.spawn(serve_tls(shared.clone(), stream, peer, acceptor, max_frame_bytes, shutdown.clone()));
                         }
                     }
                 }

@@ -233,8 +233,8 @@ pub struct WriterParts {
     pub batch_max_readings: usize,
     /// With a backlog, frames are also queued in the outbox for the MQTT bridge.
     pub backlog: Option<Arc<Backlog>>,
-    /// `store.retention`.
-    pub retention: Option<Duration>,
+    /// `store.retention`, and its new values on reload.
+    pub retention: watch::Receiver<Option<Duration>>,
     /// Where batches, failures and the cursor are counted.
     pub metrics: Arc<Metrics>,
     /// Where committed batches are announced.
@@ -270,6 +270,7 @@ pub fn spawn(
     let writer_metrics = metrics.clone();
     let room_max = u32::try_from(queue_readings.max(1)).unwrap_or(u32::MAX >> 3);
     let room = Arc::new(tokio::sync::Semaphore::new(room_max as usize));
+    let first_retention = *retention.borrow();
     let writer = Writer {
         room: room.clone(),
         room_max,
@@ -284,7 +285,8 @@ pub fn spawn(
         backlog,
         metrics,
         dropping: false,
-        retention,
+        retention: first_retention,
+        retention_updates: retention,
         pruned: Pruned::default(),
         hub,
     };
@@ -332,6 +334,8 @@ struct Writer {
     dropping: bool,
     /// `store.retention`.
     retention: Option<Duration>,
+    /// Its new values (a reload).
+    retention_updates: watch::Receiver<Option<Duration>>,
     /// What the current retention pass deleted so far (logged once at its end).
     pruned: Pruned,
     /// Where committed frames are announced (only while someone listens).
@@ -391,6 +395,11 @@ impl Writer {
                 let received = tokio::select! {
                     n = rx.recv_many(&mut batch, batch_max_frames) => n,
                 _ = tokio::time::sleep_until(prune_at), if self.retention.is_some() => continue,
+                Ok(()) = self.retention_updates.changed() => {
+                    self.retention = *self.retention_updates.borrow_and_update();
+                    prune_at = tokio::time::Instant::now();
+                    continue;
+                }
                 _ = confirmed_rose(backlog.as_deref()) => {
                     self.advance_cursor(true);
                     continue;

@@ -70,6 +70,8 @@ impl TestGateway {
                 fleet_secret: Some(SECRET.as_bytes().to_vec()),
                 metrics: metrics.clone(),
                 http: Some((http_listener, API_TOKEN.to_owned())),
+                reloads: None,
+                log: None,
             },
             shutdown.clone(),
         ));
