@@ -206,6 +206,7 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         registry,
         metrics: metrics.clone(),
         pool: store.pool().clone(),
+        reads: store.side_pool(2),
         config: Timers {
             hello_timeout: config.session.hello_timeout,
             idle_timeout: config.session.idle_timeout,

@@ -75,17 +75,16 @@ fn make_fs(image: &Path) -> Result<(), String> {
 async fn every_acked_reading_survives_a_power_cut_with_power_loss_durability() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    let live = match make_fs(&image)
-        .and_then(|()| Mounted::attach(&image, &dir.path().join("live")))
-    {
-        Ok(m) => m,
-        Err(e) => {
-            println!(
+    let live =
+        match make_fs(&image).and_then(|()| Mounted::attach(&image, &dir.path().join("live"))) {
+            Ok(m) => m,
+            Err(e) => {
+                println!(
                 "skipped: no loop-mounted ext4 here ({e}); needs root, mkfs.ext4 and loop devices"
             );
-            return;
-        }
-    };
+                return;
+            }
+        };
     println!(
         "store on ext4 on {}; the cut: SIGKILL, then a copy of the backing file",
         live.dev

@@ -64,6 +64,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Read pool, for `last_seq` at Hello.
     pub pool: SqlitePool,
+    /// Reads only (a device's sensor names at its first Telemetry): never queued behind
+    /// the few writes that go through `pool` and wait for the store writer.
+    pub reads: SqlitePool,
     /// Session timers.
     pub config: Timers,
     /// Where device status goes; `None` when the MQTT bridge is off.

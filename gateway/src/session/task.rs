@@ -322,7 +322,7 @@ impl Session<'_> {
             Ok(wait) if wait.is_zero() => {}
             Ok(wait) => {
                 tokio::select! {
-                    _ = sleep(wait) => {}
+                    _ = Box::pin(sleep(wait)) => {}
                     _ = shutdown.cancelled() => {
                         return Ended::Closed(Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down"))
                     }
@@ -638,7 +638,8 @@ impl Session<'_> {
         let known = match sensors {
             Some(known) => known,
             None => {
-                let names = devices::sensor_names(&self.shared.pool, device)
+                // Boxed: the query's state would otherwise sit in every idle session.
+                let names = Box::pin(devices::sensor_names(&self.shared.reads, device))
                     .await
                     .map_err(|e| Closed::with(ErrorCode::Internal, format!("store: {e}")))?;
                 sensors.insert(names.into_iter().collect())
