@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::pki::{pki, write};
@@ -14,7 +13,6 @@ use firmware_sim::tls::TlsClient;
 use futures::{SinkExt, StreamExt};
 use proto::v1::{gateway_message, ErrorCode, GatewayMessage};
 use proto::DelimitedCodec;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
@@ -99,25 +97,12 @@ async fn sighup_takes_new_certificates_and_limits_without_dropping_links() {
     let conf = d.join("gateway.toml");
     std::fs::write(&conf, config(d, 2, "info")).unwrap();
     let log = d.join("gateway.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["run", "--listen", "127.0.0.1:0", "--no-mqtt", "--no-http"])
-        .args(["--auth", "none", "--config"])
-        .arg(&conf)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = None;
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if let Some(x) = line.strip_prefix("devices: listening on tls://") {
-            addr = Some(x.parse::<std::net::SocketAddr>().unwrap());
-            break;
-        }
-    }
-    let addr = addr.expect("the gateway printed its TLS address");
+    let (mut child, addr) = common::spawn_gateway(
+        &["--config".as_ref(), conf.as_os_str()],
+        &[("RUST_LOG", None)],
+        &log,
+    )
+    .await;
 
     // Two devices under certificate A fill max_devices = 2; a third is refused.
     let mut first = connect(addr, Path::new(&ca_a)).await.unwrap();

@@ -6,12 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::{telemetry, RawClient};
 use proto::v1::{gateway_message, GatewayMessage};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixDatagram;
 
 /// The next notification, or `None` after `within`.
@@ -61,28 +59,17 @@ async fn ready_after_the_store_opens_and_the_watchdog_follows_the_writer() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let db = dir.path().join("g.db");
     let log = dir.path().join("gateway.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["run", "--listen", "127.0.0.1:0", "--no-mqtt", "--no-http"])
-        .args(["--auth", "none", "--db"])
-        .arg(&db)
-        .env("NOTIFY_SOCKET", &sock_path)
-        // 2 s: pinged every 0.5 s, withheld once a commit has run for 1 s.
-        .env("WATCHDOG_USEC", "2000000")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = None;
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if let Some(a) = line.strip_prefix("devices: listening on tcp://") {
-            addr = Some(a.parse::<std::net::SocketAddr>().unwrap());
-            break;
-        }
-    }
-    let addr = addr.expect("the gateway printed its address");
+    // A 2 s watchdog: pinged every 0.5 s, withheld once a commit has run for 1 s.
+    let (mut child, addr) = common::spawn_gateway(
+        &["--db".as_ref(), db.as_os_str()],
+        &[
+            ("NOTIFY_SOCKET", Some(sock_path.as_os_str())),
+            ("WATCHDOG_USEC", Some("2000000".as_ref())),
+            ("RUST_LOG", Some("info".as_ref())),
+        ],
+        &log,
+    )
+    .await;
 
     wait_for(&sock, "READY=1").await;
     // Ready means the store is open and migrated.

@@ -361,6 +361,42 @@ impl GatewayProcess {
     }
 }
 
+/// `gateway run` on 127.0.0.1:0 without MQTT and HTTP, with `--auth none` and `args`, its
+/// stderr in `log`; `env` adds to or (with `None`) removes from its environment. Returns the
+/// child and the device address it printed (TCP or TLS).
+pub async fn spawn_gateway(
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, Option<&std::ffi::OsStr>)],
+    log: &Path,
+) -> (tokio::process::Child, SocketAddr) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"));
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--no-mqtt", "--no-http"])
+        .args(["--auth", "none"])
+        .args(args);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn gateway");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    while let Some(line) = lines.next_line().await.expect("read stdout") {
+        let addr = line
+            .strip_prefix("devices: listening on tcp://")
+            .or_else(|| line.strip_prefix("devices: listening on tls://"));
+        if let Some(a) = addr {
+            return (child, a.parse().expect("address"));
+        }
+    }
+    panic!("the gateway exited before listening; see {}", log.display());
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released, so a restarted gateway can reuse it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
