@@ -401,10 +401,15 @@ fn spawn_reload_handler(args: RunArgs) -> anyhow::Result<tokio::sync::mpsc::Rece
                     p.display().to_string()
                 });
             tracing::info!(file = %path, "SIGHUP: reading the configuration again");
-            let checked = run_config(&args).and_then(|c| {
+            // File reads: off the async workers.
+            let again = args.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let c = run_config(&again)?;
                 gateway::preflight::check_files(&c)?;
-                Ok(c)
-            });
+                Ok::<_, anyhow::Error>(c)
+            })
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the reload task failed: {e}")));
             match checked {
                 Ok(config) => {
                     if tx.send(config).await.is_err() {

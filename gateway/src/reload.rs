@@ -83,10 +83,13 @@ impl Reloader {
                 restart.join(", ")
             ));
         }
-        let mut keep = new;
-        // What waits for a restart is still the old setting.
-        keep.tcp.listen = self.current.tcp.listen;
-        self.current = keep;
+        // What waits for a restart keeps its running value, so the next reload still says so.
+        self.current.log = new.log;
+        self.current.limits = new.limits;
+        self.current.store.retention = new.store.retention;
+        if let (Some(running), Some(t)) = (&mut self.current.tcp.tls, new.tcp.tls) {
+            *running = t;
+        }
         Ok(done)
     }
 
@@ -182,8 +185,14 @@ mod tests {
                 .any(|l| l.contains("next restart") && l.contains("session")),
             "{done:?}"
         );
-        // The same file again: nothing to do.
-        let again = r.current.clone();
-        assert!(r.apply(again).unwrap().is_empty());
+        // The same file again: nothing applied, and the session change still waits.
+        let again = Config::from_toml(
+            "[limits]\nmax_devices = 7\n[store]\nretention = \"2d\"\n[session]\nidle_timeout = \"5m\"\n",
+        )
+        .unwrap();
+        let done = r.apply(again).unwrap();
+        assert_eq!(done.len(), 1, "{done:?}");
+        assert!(done[0].contains("next restart"), "{done:?}");
+        assert_eq!(r.current.session.idle_timeout, Duration::from_secs(90));
     }
 }

@@ -112,11 +112,13 @@ async fn run_in<L>(
         + Sink<GatewayMessage, Error = CodecError>
         + Unpin,
 {
+    let addr = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
     let mut session = Session {
         shared: &shared,
         kind: kind.as_str(),
         claimed: None,
         peer,
+        source: addr,
         // A serial port is dedicated to its device, which may boot long after the port
         // opens: only TCP links must say Hello in time.
         hello_timeout: match kind {
@@ -131,11 +133,6 @@ async fn run_in<L>(
         last_acked: 0,
         in_flight: VecDeque::new(),
     };
-    let addr = session
-        .peer
-        .parse::<std::net::SocketAddr>()
-        .ok()
-        .map(|a| a.ip());
     let refused = addr.and_then(|a| shared.guard.refused(a, now_ms()));
     // Held until the link ends: its place under `limits.max_connections`.
     let slot = match kind {
@@ -218,6 +215,8 @@ struct Session<'a> {
     kind: &'static str,
     /// Peer address or serial port, for the device list.
     peer: Arc<str>,
+    /// The peer's IP address (`None` on a serial line), for `[limits]`.
+    source: Option<std::net::IpAddr>,
     /// How long the link may take to say Hello.
     hello_timeout: Duration,
     state: SessionState,
@@ -313,12 +312,7 @@ impl Session<'_> {
         self.claimed = Some(device.clone());
         // Before any credential is checked: a source sending Hellos faster than
         // `limits.hellos_per_second_per_source` waits its turn.
-        let source = self
-            .peer
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|a| a.ip());
-        match self.shared.limits.hello(source, Instant::now()) {
+        match self.shared.limits.hello(self.source, Instant::now()) {
             Ok(wait) if wait.is_zero() => {}
             Ok(wait) => {
                 tokio::select! {
@@ -624,7 +618,8 @@ impl Session<'_> {
         sensors: &mut Option<HashSet<String>>,
     ) -> Result<(), Closed> {
         let limits = &self.shared.limits;
-        let max = limits.config().max_readings_per_frame;
+        let config = limits.config();
+        let max = config.max_readings_per_frame;
         if t.readings.len() > max as usize {
             limits.hit(Limit::ReadingsPerFrame);
             return Err(Closed::with(
@@ -645,7 +640,7 @@ impl Session<'_> {
                 sensors.insert(names.into_iter().collect())
             }
         };
-        let max = limits.config().max_sensors_per_device as usize;
+        let max = config.max_sensors_per_device as usize;
         for r in &t.readings {
             if !known.contains(&r.sensor) {
                 if known.len() >= max {

@@ -88,11 +88,7 @@ impl StoreError {
     pub fn is_full(&self) -> bool {
         let code = match self {
             StoreError::Rusqlite(rusqlite::Error::SqliteFailure(e, _)) => e.extended_code,
-            StoreError::Sqlite(e) => match e
-                .as_database_error()
-                .and_then(|d| d.code())
-                .and_then(|c| c.parse::<i32>().ok())
-            {
+            StoreError::Sqlite(e) => match sqlite_code(e) {
                 Some(code) => code,
                 None => return false,
             },
@@ -294,10 +290,16 @@ async fn check_integrity(pool: &SqlitePool) -> Result<(), String> {
 
 /// SQLite's own words when `e` says the file is not a database or is corrupt.
 fn corruption(e: &sqlx::Error) -> Option<String> {
-    let db = e.as_database_error()?;
-    // SQLITE_CORRUPT (11) and SQLITE_NOTADB (26), with or without extended bits.
-    let code: i64 = db.code()?.parse().ok()?;
-    matches!(code & 0xff, 11 | 26).then(|| db.message().to_owned())
+    // SQLITE_CORRUPT and SQLITE_NOTADB, with or without extended bits.
+    let code = sqlite_code(e)? & 0xff;
+    (code == rusqlite::ffi::SQLITE_CORRUPT || code == rusqlite::ffi::SQLITE_NOTADB)
+        .then(|| e.as_database_error().map(|d| d.message().to_owned()))
+        .flatten()
+}
+
+/// The SQLite result code (with its extended bits) of an sqlx error, if SQLite gave one.
+fn sqlite_code(e: &sqlx::Error) -> Option<i32> {
+    e.as_database_error()?.code()?.parse().ok()
 }
 
 /// Logs the migrations an existing store is about to get (one line): some rewrite a table,
