@@ -466,7 +466,10 @@ impl Session<'_> {
         let limits = self.shared.limits.config();
         // `limits.device_readings_per_second`: while over, the link is not read.
         let mut gate = RateGate::new(limits.device_readings_per_second, Instant::now());
-        let mut resume: Option<Instant> = None;
+        // Made once and reset when needed: a timer made per loop turn costs every frame.
+        let hold = sleep(Duration::ZERO);
+        tokio::pin!(hold);
+        let mut holding = false;
         // The device's sensor names, loaded at its first Telemetry.
         let mut sensors: Option<HashSet<String>> = None;
 
@@ -530,10 +533,10 @@ impl Session<'_> {
                 _ = &mut idle => {
                     return Ended::Closed(Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}")));
                 }
-                _ = tokio::time::sleep_until(resume.unwrap_or_else(Instant::now)), if resume.is_some() => {
-                    resume = None;
+                _ = &mut hold, if holding => {
+                    holding = false;
                 }
-                frame = link.next(), if resume.is_none() => {
+                frame = link.next(), if !holding => {
                     let msg = match frame {
                         // A device may half-close after its last frame and still read:
                         // answer what it sent before closing our side.
@@ -556,10 +559,11 @@ impl Session<'_> {
                                 }
                             }
                             if let Some(gate) = gate.as_mut() {
-                                let hold = gate.take(body.readings(), arrived);
-                                if !hold.is_zero() {
+                                let wait = gate.take(body.readings(), arrived);
+                                if !wait.is_zero() {
                                     self.shared.limits.hit(Limit::DeviceRate);
-                                    resume = Some(arrived + hold);
+                                    hold.as_mut().reset(arrived + wait);
+                                    holding = true;
                                 }
                             }
                             pace.pace.frame(body.readings());
