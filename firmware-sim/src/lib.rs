@@ -11,9 +11,11 @@
 //!   reports;
 //! - links beside TCP: [`serial`];
 //! - [`fleet`] (many devices), [`report`] (what a run measured);
-//! - [`scenario`] (files of profiles, faults and outages), [`verify`], [`score`], [`bench`].
+//! - [`scenario`] (files of profiles, faults and outages), [`verify`], [`score`], [`bench`],
+//!   [`chaos`] (a soak through the real gateway and broker with faults at random instants).
 
 pub mod bench;
+pub mod chaos;
 pub mod device;
 pub mod fleet;
 pub mod gate;

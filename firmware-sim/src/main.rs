@@ -33,6 +33,52 @@ enum Command {
     Proxy(ProxyArgs),
     /// Score the gateway's anomaly detection against the labels of `scenario --labels`.
     Score(ScoreArgs),
+    /// Drive a fleet through the real gateway binary and a real Mosquitto while the gateway
+    /// is SIGKILLed, the broker stopped, devices misbehave and strangers send garbage; then
+    /// check every acknowledged reading is stored exactly once and published.
+    Chaos(ChaosArgs),
+}
+
+#[derive(clap::Args)]
+struct ChaosArgs {
+    /// How long faults strike (then the fleet drains and the checks run), e.g. 60s, 30m.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// The gateway binary.
+    #[arg(long, default_value = "target/release/gateway")]
+    gateway_bin: std::path::PathBuf,
+    /// Devices in the fleet.
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// Frames per second per device.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
+    /// Readings per frame.
+    #[arg(long, default_value_t = 8)]
+    readings: usize,
+    /// Mean time between SIGKILLs of the gateway (each followed by a restart).
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    kill_every: std::time::Duration,
+    /// Mean time between broker stops (each down 1 to 5 s).
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    broker_every: std::time::Duration,
+    /// Mean time between device faults (half the fleet dropping, garbage, oversize frames,
+    /// wrong tokens, slow readers, a device flooding).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    device_fault_every: std::time::Duration,
+    /// Mean time between strangers (garbage or token guesses from outside the fleet).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    stranger_every: std::time::Duration,
+    /// Seed of the fault schedule (default: drawn and printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep the store, gateway log and broker files in this directory (default: a temporary
+    /// one, removed at the end).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<std::path::PathBuf>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -317,6 +363,46 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay(args, &runtime),
         Command::Proxy(args) => proxy(args, &runtime),
         Command::Score(args) => score(args),
+        Command::Chaos(args) => chaos(args, &runtime),
+    }
+}
+
+fn chaos(args: ChaosArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let options = firmware_sim::chaos::ChaosOptions {
+        gateway_bin: args.gateway_bin,
+        duration: args.duration,
+        devices: args.devices.max(1),
+        rate: args.rate,
+        readings: args.readings.max(1),
+        kill_every: args.kill_every.max(std::time::Duration::from_millis(500)),
+        broker_every: args.broker_every.max(std::time::Duration::from_secs(1)),
+        device_fault_every: args
+            .device_fault_every
+            .max(std::time::Duration::from_millis(100)),
+        stranger_every: args
+            .stranger_every
+            .max(std::time::Duration::from_millis(100)),
+        seed: args.seed,
+        dir: args.dir,
+    };
+    match runtime.block_on(firmware_sim::chaos::run(&options)) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.to_table());
+            }
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("firmware-sim: chaos: the run was not clean (see above)");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("firmware-sim: chaos: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -133,10 +133,19 @@ impl MqttWatch {
     /// Subscribes to `filter` on the broker at `url` and returns once the broker confirmed
     /// the subscription (within 10 s).
     pub async fn start(url: &str, filter: &str) -> anyhow::Result<Self> {
+        Self::start_with(url, filter, false).await
+    }
+
+    /// [`MqttWatch::start`]; `durable` asks the broker to keep the subscription and its
+    /// queued messages while the watch is away (a persistent session), so a broker that
+    /// stops and starts again delivers what it had accepted. A session the broker lost is
+    /// subscribed again on reconnect.
+    pub async fn start_with(url: &str, filter: &str, durable: bool) -> anyhow::Result<Self> {
         use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
         let (host, port) = parse_mqtt_url(url)?;
         let id = format!("firmware-sim-verify-{}", std::process::id());
         let mut options = MqttOptions::new(id, host, port);
+        options.set_clean_session(!durable);
         options.set_keep_alive(std::time::Duration::from_secs(10));
         options.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(options, 16);
@@ -147,11 +156,18 @@ impl MqttWatch {
         let task = {
             let seen = seen.clone();
             let messages = messages.clone();
+            let filter = filter.to_owned();
             tokio::spawn(async move {
-                let _client = client; // keeps the request channel open
                 let mut subscribed_tx = Some(subscribed_tx);
+                let mut connected_before = false;
                 loop {
                     match events.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            if connected_before && !ack.session_present {
+                                let _ = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce);
+                            }
+                            connected_before = true;
+                        }
                         Ok(Event::Incoming(Packet::SubAck(_))) => {
                             if let Some(tx) = subscribed_tx.take() {
                                 let _ = tx.send(());

@@ -68,6 +68,26 @@ impl Gateway {
 
     /// [`Gateway::start`] with the gateway's own pacing (its defaults).
     pub async fn start_paced(bin: &Path, dir: &Path, args: &[String]) -> anyhow::Result<Self> {
+        let base = [
+            "--listen",
+            "127.0.0.1:0",
+            "--auth",
+            "none",
+            "--gateway-id",
+            "bench",
+        ];
+        Self::launch(bin, dir, &base, args).await
+    }
+
+    /// Starts `bin run` with `base` (which must give `--listen`, `--auth` and
+    /// `--gateway-id`), its store and log in `dir`, the HTTP API on a free port, then
+    /// `args`; waits until it listens.
+    pub async fn launch(
+        bin: &Path,
+        dir: &Path,
+        base: &[&str],
+        args: &[String],
+    ) -> anyhow::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -75,14 +95,9 @@ impl Gateway {
             .context("gateway log file")?;
         let started = Instant::now();
         let mut child = Command::new(bin)
+            .arg("run")
+            .args(base)
             .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--auth",
-                "none",
-                "--gateway-id",
-                "bench",
                 // The HTTP API is on by default, so it is on here too (with nobody using it
                 // unless the bench says so).
                 "--http",
@@ -135,6 +150,16 @@ impl Gateway {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Whether it has exited by itself, and how.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGKILL, as a crash or a power cut would end it, and reap it.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// SIGTERM and wait (bounded).
@@ -216,12 +241,27 @@ fn mosquitto_bin() -> Option<PathBuf> {
 impl Mosquitto {
     /// Starts Mosquitto on `port` with its config in `dir`.
     pub async fn start(dir: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(dir, port, false).await
+    }
+
+    /// [`Mosquitto::start`]; with `persistent`, it keeps its sessions and their queued
+    /// messages in `dir` across a stop ([`Mosquitto::stop_gracefully`]) and a start, as a
+    /// broker of a site would.
+    pub async fn start_with(dir: &Path, port: u16, persistent: bool) -> anyhow::Result<Self> {
         let bin =
             mosquitto_bin().context("mosquitto is not installed (apt-get install mosquitto)")?;
         let conf = dir.join(format!("mosquitto-{port}.conf"));
+        let persistence = if persistent {
+            format!(
+                "persistence true\npersistence_location {}/\npersistence_file mosquitto-{port}.db\n",
+                dir.display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 1000000\nmax_inflight_messages 1000\n"),
         )?;
         let child = Command::new(bin)
             .arg("-c")
@@ -246,6 +286,22 @@ impl Mosquitto {
     /// Stops it.
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM (a persistent broker saves its sessions) and wait, at most 10 s.
+    pub async fn stop_gracefully(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
     }
 }
 
