@@ -435,6 +435,11 @@ pub struct TopicsConfig {
     /// Anomalies about no device (a source address guessing tokens). Default
     /// `gateway/{gateway_id}/anomalies`.
     pub gateway_anomalies: String,
+    /// Which gateway a device is on, shared by every gateway on the broker (no
+    /// `{gateway_id}`): retained `{"gateway_id":..}`, published when a device connects. Used
+    /// only when `commands` has no `{gateway_id}`: a gateway that sees another claim one of
+    /// its devices stops taking that device's commands. Default `devices/{device_id}/owner`.
+    pub owner: String,
 }
 
 impl Default for TopicsConfig {
@@ -449,6 +454,7 @@ impl Default for TopicsConfig {
             gateway_status: "gateway/{gateway_id}/status".into(),
             anomalies: device("anomalies"),
             gateway_anomalies: "gateway/{gateway_id}/anomalies".into(),
+            owner: "devices/{device_id}/owner".into(),
         }
     }
 }
@@ -635,8 +641,21 @@ impl MqttConfig {
             ("mqtt.topics.commands", &t.commands),
             ("mqtt.topics.command_results", &t.command_results),
             ("mqtt.topics.anomalies", &t.anomalies),
+            ("mqtt.topics.owner", &t.owner),
         ] {
             check_template(template, true).map_err(|reason| invalid(field, reason))?;
+        }
+        if t.owner.contains("{gateway_id}") {
+            return Err(invalid(
+                "mqtt.topics.owner",
+                "is shared by every gateway on the broker and must not contain {gateway_id}".into(),
+            ));
+        }
+        if t.owner == t.commands {
+            return Err(invalid(
+                "mqtt.topics.owner",
+                "must differ from mqtt.topics.commands".into(),
+            ));
         }
         check_template(&t.gateway_status, false)
             .map_err(|reason| invalid("mqtt.topics.gateway_status", reason))?;

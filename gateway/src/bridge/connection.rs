@@ -109,10 +109,18 @@ pub async fn run(
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Some(device) = ctx.topics.commands_fleet_wide().then(|| ctx.topics.owner_device(&p.topic)).flatten() {
+                            on_claim(&ctx, &client, device, &p.payload);
+                            continue;
+                        }
                         let Some(device_id) = ctx.topics.command_device(&p.topic) else {
                             debug!(topic = %p.topic, "ignoring a message on an unexpected topic");
                             continue;
                         };
+                        if ctx.released().contains(device_id) {
+                            debug!(device = %device_id, "ignoring a command for a device another gateway claimed");
+                            continue;
+                        }
                         let incoming = Incoming { device_id: device_id.to_owned(), payload: p.payload };
                         if commands_tx.try_send(incoming).is_err() {
                             ctx.metrics.commands_dropped.inc();
@@ -159,6 +167,27 @@ pub async fn run(
     }
     drop(watermark_tx); // lets the cursor task make its last deletion and stop
     let _ = cursor.await;
+}
+
+/// Another gateway's claim on a device (fleet-wide commands): unless the device is connected
+/// here, its commands are that gateway's from now on. Runs on the event loop: no waiting.
+/// Claims arrive in order with commands, so a command after a claim is never taken here.
+fn on_claim(ctx: &Context, client: &AsyncClient, device: &str, payload: &[u8]) {
+    #[derive(serde::Deserialize)]
+    struct Claim {
+        gateway_id: String,
+    }
+    let Ok(claim) = serde_json::from_slice::<Claim>(payload) else {
+        debug!(%device, "ignoring an owner claim that is not {{\"gateway_id\": ...}}");
+        return;
+    };
+    if claim.gateway_id == ctx.config.gateway_id || ctx.registry.get(device).is_some() {
+        return;
+    }
+    if ctx.released().insert(Arc::from(device)) {
+        let _ = client.try_unsubscribe(ctx.topics.commands(device));
+        info!(%device, gateway = %claim.gateway_id, "device is on another gateway now; its commands go there");
+    }
 }
 
 /// Publishes the gateway's `offline` and disconnects, waiting briefly for the broker.
@@ -239,13 +268,39 @@ struct Publisher {
     ctx: Arc<Context>,
     client: AsyncClient,
     tracker: SharedTracker,
-    /// Per-device command subscriptions made on this connection (when the commands topic is
-    /// not scoped by the gateway id).
+    /// Per-device command (and owner) subscriptions made on this connection (when the
+    /// commands topic is fleet-wide, not scoped by the gateway id).
     subscribed: Option<HashSet<Arc<str>>>,
 }
 
 impl Publisher {
+    /// Claims a device that connected here (fleet-wide commands): retained, so gateways that
+    /// subscribe later see it too.
+    async fn claim(&mut self, device: &Arc<str>) -> Result<(), ClientError> {
+        if self.ctx.released().remove(device) {
+            if let Some(subscribed) = &mut self.subscribed {
+                subscribed.remove(device);
+            }
+        }
+        let body = serde_json::json!({
+            "gateway_id": self.ctx.config.gateway_id,
+            "ts_ms": now_ms(),
+        });
+        send(
+            &self.client,
+            &self.tracker,
+            None,
+            self.ctx.topics.owner(device),
+            true,
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
     async fn status(&mut self, change: &StatusChange) -> Result<(), ClientError> {
+        if change.online && self.subscribed.is_some() {
+            self.claim(&change.device).await?;
+        }
         let body = crate::payload::status_json(
             None,
             change.online,
@@ -269,13 +324,22 @@ impl Publisher {
         let Some(subscribed) = &mut self.subscribed else {
             return Ok(());
         };
-        let new: Vec<_> = devices
-            .iter()
-            .filter(|d| subscribed.insert((*d).clone()))
-            .collect();
+        let new: Vec<_> = {
+            let released = self.ctx.released();
+            devices
+                .iter()
+                .filter(|d| !released.contains(*d) && subscribed.insert((*d).clone()))
+                .collect()
+        };
+        // A device's owner topic first: its retained claim reaches the event loop before
+        // any command on the same subscription can.
         for chunk in new.chunks(100) {
-            let filters = chunk.iter().map(|d| {
-                rumqttc::SubscribeFilter::new(self.ctx.topics.commands(d), QoS::AtLeastOnce)
+            let topics = &self.ctx.topics;
+            let filters = chunk.iter().flat_map(|d| {
+                [
+                    rumqttc::SubscribeFilter::new(topics.owner(d), QoS::AtLeastOnce),
+                    rumqttc::SubscribeFilter::new(topics.commands(d), QoS::AtLeastOnce),
+                ]
             });
             self.client
                 .subscribe_many(filters.collect::<Vec<_>>())
@@ -305,6 +369,17 @@ impl Publisher {
                 .cloned()
                 .collect::<Vec<_>>(),
         );
+        // Devices here are claimed again (a claim may have been lost with the connection);
+        // devices another gateway claimed are its to announce.
+        if self.subscribed.is_some() {
+            for device in online.keys() {
+                self.claim(device).await?;
+            }
+        }
+        {
+            let released = self.ctx.released();
+            devices.retain(|d| !released.contains(d));
+        }
         let now = now_ms();
         for device in &devices {
             let link = online.get(device).copied();

@@ -72,12 +72,20 @@ pub struct Context {
     pub resync: Arc<AtomicBool>,
     /// Where command requests go.
     pub commands: Arc<crate::commands::Desk>,
+    /// Devices another gateway claimed (fleet-wide commands only): their commands are that
+    /// gateway's. Cleared for a device when it connects here again.
+    pub released: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl Context {
     /// The store pool.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The devices another gateway claimed.
+    pub fn released(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<Arc<str>>> {
+        self.released.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -131,6 +139,7 @@ pub async fn spawn(
         metrics: parts.metrics,
         resync: resync.clone(),
         commands: parts.commands,
+        released: Default::default(),
     });
     let task = tokio::spawn(async move {
         let commands = tokio::spawn(commands::run(ctx.clone(), commands_rx, shutdown.clone()));

@@ -14,6 +14,7 @@ pub struct Topics {
     gateway_status: String,
     anomalies: String,
     gateway_anomalies: String,
+    owner: String,
     /// Whether the commands template is scoped by `{gateway_id}`, so one wildcard
     /// subscription covers exactly this gateway's devices.
     commands_scoped: bool,
@@ -32,6 +33,7 @@ impl Topics {
             gateway_status: fill(&templates.gateway_status),
             anomalies: fill(&templates.anomalies),
             gateway_anomalies: fill(&templates.gateway_anomalies),
+            owner: templates.owner.clone(),
             commands_scoped: templates.commands.contains("{gateway_id}"),
         }
     }
@@ -87,10 +89,31 @@ impl Topics {
             .then(|| Self::device(&self.commands, "+"))
     }
 
+    /// Whether commands are addressed fleet-wide (the template has no `{gateway_id}`), so
+    /// gateways claim devices on the owner topic and take only their own devices' commands.
+    pub fn commands_fleet_wide(&self) -> bool {
+        !self.commands_scoped
+    }
+
+    /// Where a device's owner claim is (retained, shared by every gateway).
+    pub fn owner(&self, device_id: &str) -> String {
+        Self::device(&self.owner, device_id)
+    }
+
     /// The device an incoming command topic is for, if it matches the template.
     pub fn command_device<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        Self::device_in(&self.commands, topic)
+    }
+
+    /// The device an incoming owner claim is about, if the topic is an owner topic.
+    pub fn owner_device<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        Self::device_in(&self.owner, topic)
+    }
+
+    /// The `{device_id}` level of `topic`, if it matches `template`.
+    fn device_in<'t>(template: &str, topic: &'t str) -> Option<&'t str> {
         let mut device = None;
-        let mut template = self.commands.split('/');
+        let mut template = template.split('/');
         for level in topic.split('/') {
             match template.next()? {
                 "{device_id}" if !level.is_empty() => device = Some(level),
@@ -144,5 +167,9 @@ mod tests {
         assert_eq!(t.commands_wildcard(), None);
         assert_eq!(t.commands("d9"), "cmd/d9");
         assert_eq!(t.command_device("cmd/d9"), Some("d9"));
+        assert!(t.commands_fleet_wide());
+        assert_eq!(t.owner("d9"), "devices/d9/owner");
+        assert_eq!(t.owner_device("devices/d9/owner"), Some("d9"));
+        assert_eq!(t.owner_device("cmd/d9"), None);
     }
 }

@@ -302,7 +302,11 @@ impl GatewayProcess {
             } else {
                 extra
             })
-            .args(["--gateway-id", "test-gw"])
+            .args(if extra.contains(&"--gateway-id") {
+                &[][..]
+            } else {
+                &["--gateway-id", "test-gw"][..]
+            })
             .args(if extra.contains(&"--http") {
                 &[][..]
             } else {
