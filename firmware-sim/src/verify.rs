@@ -160,13 +160,18 @@ impl MqttWatch {
             tokio::spawn(async move {
                 let mut subscribed_tx = Some(subscribed_tx);
                 let mut connected_before = false;
+                let mut lost = false;
                 loop {
                     match events.poll().await {
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                             if connected_before && !ack.session_present {
                                 let _ = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce);
                             }
+                            if lost {
+                                tracing::info!("verify-mqtt: back on the broker");
+                            }
                             connected_before = true;
+                            lost = false;
                         }
                         Ok(Event::Incoming(Packet::SubAck(_))) => {
                             if let Some(tx) = subscribed_tx.take() {
@@ -191,7 +196,10 @@ impl MqttWatch {
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::warn!(error = %e, "verify-mqtt: broker connection lost; reconnecting");
+                            if !lost {
+                                tracing::warn!(error = %e, "verify-mqtt: broker connection lost; reconnecting every 500 ms");
+                                lost = true;
+                            }
                             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                         }
                     }
