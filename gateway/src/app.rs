@@ -81,6 +81,12 @@ pub async fn serve(inputs: Inputs, shutdown: CancellationToken) -> anyhow::Resul
         crate::store::limit_size(&writer_conn, max).context("applying store.max_bytes")?;
     }
     let registry = Arc::new(Registry::default());
+    for device in crate::store::commands::devices_with_open_commands(store.pool())
+        .await
+        .context("reading open commands")?
+    {
+        registry.expect_commands(&device);
+    }
     let hub = Hub::new(config.http.live_buffer);
     // The bridge outlives the sessions and the writer on shutdown, so it stops on its own
     // token.

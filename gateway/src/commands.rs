@@ -143,6 +143,9 @@ impl Desk {
             params: serde_json::to_vec(&request.params).unwrap_or_else(|_| b"null".to_vec()),
             deadline_ms: now + timeout.as_millis() as i64,
         };
+        // Before storing: a link that registers after `send_command` below found no link
+        // must see this and look in the store.
+        self.registry.expect_commands(device_id);
         match commands::insert(&self.pool, &command, now).await? {
             Inserted::Open => {}
             Inserted::Duplicate => {

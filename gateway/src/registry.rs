@@ -79,6 +79,11 @@ struct Entry {
 pub struct Registry {
     next_conn: AtomicU64,
     sessions: Mutex<HashMap<Arc<str>, Entry>>,
+    /// Devices that may have commands waiting in the store: those with open commands at
+    /// start, and every device a command was submitted for since. Only these look for
+    /// waiting commands when they connect, so a fleet that is never sent commands costs no
+    /// query per connection (and no memory for one during a reconnect storm).
+    commanded: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 /// A link's place in the registry.
@@ -192,6 +197,24 @@ impl Registry {
             *counts.entry(e.info.link).or_default() += 1;
         }
         counts
+    }
+
+    /// Notes that `device` may have a command waiting in the store; called before the
+    /// command is stored, so a link registering after [`Registry::send_command`] missed it
+    /// looks for it.
+    pub fn expect_commands(&self, device: &str) {
+        let mut commanded = self.commanded.lock().unwrap_or_else(|e| e.into_inner());
+        if !commanded.contains(device) {
+            commanded.insert(Arc::from(device));
+        }
+    }
+
+    /// Whether `device` may have commands waiting in the store.
+    pub fn may_have_commands(&self, device: &str) -> bool {
+        self.commanded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(device)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {

@@ -805,3 +805,41 @@ async fn reading_queries_seek_the_primary_key_instead_of_scanning() {
     let p = plan(events_sql(false)).await;
     assert!(p.contains("SEARCH e USING INDEX event_log_by_time"), "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_waiting_for_an_offline_device_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    let log = dir.path().join("gateway.log");
+    let gw = GatewayProcess::start(&db, "127.0.0.1:0", &log, &[]).await;
+    // Known to the gateway (it connected once), then offline.
+    let mut device = RawClient::connect(gw.addr).await;
+    device.hello("sleepy", 1).await;
+    drop(device);
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://{}/api/v1/devices/sleepy/commands", gw.http))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"id": "wake-1", "name": "calibrate", "timeout_ms": 600000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert!(gw.terminate().await.success());
+
+    // After the restart the device connects and the command is the first thing it gets.
+    let gw = GatewayProcess::start(&db, "127.0.0.1:0", &log, &[]).await;
+    let mut device = RawClient::connect(gw.addr).await;
+    device.hello("sleepy", 2).await;
+    let command = loop {
+        match device.recv().await.expect("the link stays open").body {
+            Some(gateway_message::Body::Command(c)) => break c,
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        (command.id.as_str(), command.name.as_str()),
+        ("wake-1", "calibrate")
+    );
+    assert!(gw.terminate().await.success());
+}

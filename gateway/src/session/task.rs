@@ -451,11 +451,13 @@ impl Session<'_> {
         // Commands that waited for this device (at least once: one may also arrive through
         // the registry; devices treat a repeated id as done). Loaded beside the frame loop:
         // a busy store must not keep the device's first frames unread.
-        let mut waiting = Some(tokio::spawn({
-            let pool = self.shared.pool.clone();
-            let device = device.clone();
-            async move { commands::open_for_device(&pool, &device, now_ms()).await }
-        }));
+        let mut waiting = self.shared.registry.may_have_commands(&device).then(|| {
+            tokio::spawn({
+                let pool = self.shared.pool.clone();
+                let device = device.clone();
+                async move { commands::open_for_device(&pool, &device, now_ms()).await }
+            })
+        });
         let pace = registration.state.clone();
         let mut told_interval = 0;
         let (ack_tx, mut acks) = watch::channel(Durable::default());

@@ -68,6 +68,16 @@ pub async fn insert(
     })
 }
 
+/// Devices with open commands (at start: they look for them when they connect).
+pub async fn devices_with_open_commands(pool: &SqlitePool) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT d.device_id FROM commands c JOIN devices d ON d.id = c.device
+         WHERE c.outcome IS NULL",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
 /// The device's open commands that have not passed their deadline, oldest first.
 pub async fn open_for_device(
     pool: &SqlitePool,
