@@ -4,9 +4,9 @@
 //! The newest connection wins: registering a device that already has a link cancels the old
 //! link's `ended` token, and that link closes with `ERROR_CODE_SUPERSEDED`. An operator's
 //! revoke marks the link revoked and cancels the same token, and it closes with
-//! `ERROR_CODE_DEVICE_REVOKED` at once. Each entry holds a bounded sender of commands for the
-//! link and the link's last-heard clock (one small shared allocation with the revoked mark:
-//! state per idle link is counted in bytes). Short critical sections under a mutex; nothing
+//! `ERROR_CODE_DEVICE_REVOKED` at once. Each entry shares one small allocation with its link:
+//! the last-heard clock, the revoked mark, the pacing state and a bounded queue of commands
+//! (empty, it allocates nothing: state per idle link is counted in bytes). Short critical sections under a mutex; nothing
 //! awaits while holding it.
 
 use std::collections::HashMap;
@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use proto::v1::Command;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Commands waiting to be written to one link. Full-policy: the command stays open in the
@@ -56,12 +55,38 @@ pub struct LinkState {
     revoked: AtomicBool,
     /// Its frame rate as the pacer sees it, and the interval it was asked to keep.
     pub pace: crate::pacing::LinkPace,
+    /// Commands routed to this link while it is current, at most [`COMMAND_QUEUE`].
+    commands: Mutex<std::collections::VecDeque<Box<Command>>>,
+    /// Wakes the link when a command is queued (a permit waits if it is busy).
+    pub command_ready: tokio::sync::Notify,
 }
 
 impl LinkState {
     /// Whether the link ended because the device was revoked (else: superseded).
     pub fn revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Queues a command for the link; false when its queue is full.
+    fn queue_command(&self, command: Command) -> bool {
+        let mut queue = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() >= COMMAND_QUEUE {
+            return false;
+        }
+        queue.push_back(Box::new(command));
+        drop(queue);
+        self.command_ready.notify_one();
+        true
+    }
+
+    /// The oldest command queued for the link.
+    pub fn next_command(&self) -> Option<Box<Command>> {
+        let mut queue = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        let command = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > 0 {
+            *queue = Default::default(); // an idle link keeps no buffer
+        }
+        command
     }
 }
 
@@ -70,8 +95,6 @@ struct Entry {
     info: LinkInfo,
     state: Arc<LinkState>,
     ended: CancellationToken,
-    /// Boxed: the channel allocates its first block of slots up front, per link.
-    commands: mpsc::Sender<Box<Command>>,
 }
 
 /// Device id to current link.
@@ -93,8 +116,6 @@ pub struct Registration {
     /// Cancelled when a newer link of the same device registers, or when an operator
     /// revokes the device (then [`LinkState::revoked`] says so).
     pub ended: CancellationToken,
-    /// Commands routed to this link while it is current.
-    pub commands: mpsc::Receiver<Box<Command>>,
     /// The link stores the time of each message it receives here.
     pub state: Arc<LinkState>,
 }
@@ -108,7 +129,6 @@ impl Registry {
             last_seen_ms: AtomicI64::new(info.connected_ms),
             ..LinkState::default()
         });
-        let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let old = self.lock().insert(
             device.clone(),
             Entry {
@@ -116,18 +136,12 @@ impl Registry {
                 info,
                 state: state.clone(),
                 ended: ended.clone(),
-                commands: tx,
             },
         );
         if let Some(old) = old {
             old.ended.cancel();
         }
-        Registration {
-            conn,
-            ended,
-            commands,
-            state,
-        }
+        Registration { conn, ended, state }
     }
 
     /// Removes the device's entry if it is still this link's; says whether it was.
@@ -155,7 +169,7 @@ impl Registry {
     pub fn send_command(&self, device: &str, command: Command) -> bool {
         self.lock()
             .get(device)
-            .is_some_and(|e| e.commands.try_send(Box::new(command)).is_ok())
+            .is_some_and(|e| e.state.queue_command(command))
     }
 
     /// Devices with a link now, and the link kind.
@@ -257,8 +271,8 @@ mod tests {
     fn commands_reach_the_current_link_only() {
         let registry = Registry::default();
         let dev: Arc<str> = Arc::from("meter-1");
-        let mut first = registry.register(&dev, info("tcp"));
-        let mut second = registry.register(&dev, info("serial"));
+        let first = registry.register(&dev, info("tcp"));
+        let second = registry.register(&dev, info("serial"));
         let cmd = Command {
             id: "c1".into(),
             ..Default::default()
@@ -266,10 +280,24 @@ mod tests {
         assert!(registry.send_command("meter-1", cmd.clone()));
         assert!(!registry.send_command("nobody", cmd));
         assert_eq!(
-            second.commands.try_recv().map(|c| c.id).ok().as_deref(),
+            second.state.next_command().map(|c| c.id).as_deref(),
             Some("c1")
         );
-        assert!(first.commands.try_recv().is_err());
+        assert!(second.state.next_command().is_none());
+        assert!(first.state.next_command().is_none());
+        for i in 0..COMMAND_QUEUE {
+            assert!(registry.send_command(
+                "meter-1",
+                Command {
+                    id: format!("q{i}"),
+                    ..Default::default()
+                }
+            ));
+        }
+        assert!(
+            !registry.send_command("meter-1", Command::default()),
+            "a full queue refuses: the command waits in the store"
+        );
         assert_eq!(registry.online(), vec![(dev, "serial")]);
     }
 

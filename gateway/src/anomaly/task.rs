@@ -77,6 +77,11 @@ impl SeriesIndex {
             }
         };
         self.series += 1;
+        if dev.sensors.is_empty() {
+            // Room for exactly one: a Vec's first push would make room for four series
+            // (about 1 KB), and many devices have a single sensor.
+            dev.sensors.reserve_exact(1);
+        }
         dev.sensors.push((
             sensor.into(),
             Series::default(),

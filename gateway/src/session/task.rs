@@ -32,7 +32,7 @@ use crate::live::LiveEvent;
 use crate::registry::{LinkInfo, Registration};
 use crate::store::commands;
 use crate::store::devices::HelloRecord;
-use crate::store::writer::{Durable, FrameBody, WriteFrame};
+use crate::store::writer::{Durable, FrameBody, Queued, WriteFrame, WriterStopped};
 use crate::store::{devices, now_ms};
 
 /// Why a link ended (for the log line and the error frame).
@@ -79,13 +79,17 @@ fn message(body: gateway_message::Body) -> GatewayMessage {
 
 /// Runs one link to its end. `kind` decides the seq rules and shows in device status;
 /// `peer` is its address (`127.0.0.1:5555`, or the serial port's path) for logs and the API.
-pub async fn run<L>(
+///
+/// Not an `async fn`, nor is `run_in`: an `async fn` keeps its arguments twice in its state
+/// (as passed and as moved into its body), and this state is what every idle link costs.
+pub fn run<L>(
     shared: Arc<Shared>,
     link: L,
     kind: LinkKind,
     peer: String,
     shutdown: CancellationToken,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
         + Sink<GatewayMessage, Error = CodecError>
         + Unpin,
@@ -95,101 +99,103 @@ pub async fn run<L>(
     let span =
         tracing::info_span!("link", link = kind.as_str(), %peer, device = tracing::field::Empty);
     shared.metrics.record_connection(kind.as_str());
-    run_in(shared, link, kind, Arc::from(peer), shutdown, span.clone())
-        .instrument(span)
-        .await
+    run_in(shared, link, kind, Arc::from(peer), shutdown, span.clone()).instrument(span)
 }
 
-async fn run_in<L>(
+fn run_in<L>(
     shared: Arc<Shared>,
-    mut link: L,
+    link: L,
     kind: LinkKind,
     peer: Arc<str>,
     shutdown: CancellationToken,
     span: tracing::Span,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     L: Stream<Item = Result<proto::v1::DeviceMessage, CodecError>>
         + Sink<GatewayMessage, Error = CodecError>
         + Unpin,
 {
-    let addr = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
-    let mut session = Session {
-        shared: &shared,
-        kind: kind.as_str(),
-        claimed: None,
-        peer,
-        source: addr,
-        // A serial port is dedicated to its device, which may boot long after the port
-        // opens: only TCP links must say Hello in time.
-        hello_timeout: match kind {
-            LinkKind::Tcp | LinkKind::Tls => shared.config.hello_timeout,
-            LinkKind::Serial => Duration::from_secs(365 * 24 * 3600),
-        },
-        state: match kind {
-            LinkKind::Tcp | LinkKind::Tls => SessionState::new(),
-            LinkKind::Serial => SessionState::new_contiguous(),
-        },
-        last_forwarded: 0,
-        last_acked: 0,
-        in_flight: VecDeque::new(),
-    };
-    let refused = addr.and_then(|a| shared.guard.refused(a, now_ms()));
-    // Held until the link ends: its place under `limits.max_connections`.
-    let slot = match kind {
-        LinkKind::Serial => Ok(None),
-        LinkKind::Tcp | LinkKind::Tls => shared.limits.connect(addr).map(Some),
-    };
-    let closed = match (refused, slot) {
-        (_, Err(reason)) => Closed::with(ErrorCode::LimitExceeded, reason),
-        (Some(left), _) => {
-            shared.metrics.security_refused.inc();
-            Closed::with(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "too many failed links from this address; refused for another {}",
-                    humantime::format_duration(Duration::from_secs(left.as_secs().max(1)))
-                ),
-            )
-        }
-        (None, Ok(_slot)) => session.serve(&mut link, &shutdown, &span).await,
-    };
-    if let (Some(addr), Some(code)) = (addr, closed.code) {
-        if counts_against_source(code) {
-            shared.guard.failure(
-                addr,
-                code.as_str_name(),
-                session.claimed.as_deref(),
-                now_ms(),
-            );
-        }
-    }
-    if let Some(code) = closed.code {
-        shared.metrics.record_link_error(code);
-        let err = message(gateway_message::Body::Error(proto::v1::Error {
-            code: code as i32,
-            message: closed.reason.clone(),
-        }));
-        // Best effort: the peer may already be gone or not reading.
-        let _ = timeout(shared.config.write_timeout, link.send(err)).await;
-        match code {
-            ErrorCode::Superseded | ErrorCode::ShuttingDown => {
-                debug!(code = code.as_str_name(), "link closed: {}", closed.reason)
+    let mut link = link;
+    async move {
+        let addr = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        let mut session = Session {
+            shared: &shared,
+            kind: kind.as_str(),
+            claimed: None,
+            peer,
+            source: addr,
+            // A serial port is dedicated to its device, which may boot long after the port
+            // opens: only TCP links must say Hello in time.
+            hello_timeout: match kind {
+                LinkKind::Tcp | LinkKind::Tls => shared.config.hello_timeout,
+                LinkKind::Serial => Duration::from_secs(365 * 24 * 3600),
+            },
+            state: match kind {
+                LinkKind::Tcp | LinkKind::Tls => SessionState::new(),
+                LinkKind::Serial => SessionState::new_contiguous(),
+            },
+            last_forwarded: 0,
+            last_acked: 0,
+            in_flight: VecDeque::new(),
+        };
+        let refused = addr.and_then(|a| shared.guard.refused(a, now_ms()));
+        // Held until the link ends: its place under `limits.max_connections`.
+        let slot = match kind {
+            LinkKind::Serial => Ok(None),
+            LinkKind::Tcp | LinkKind::Tls => shared.limits.connect(addr).map(Some),
+        };
+        let closed = match (refused, slot) {
+            (_, Err(reason)) => Closed::with(ErrorCode::LimitExceeded, reason),
+            (Some(left), _) => {
+                shared.metrics.security_refused.inc();
+                Closed::with(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "too many failed links from this address; refused for another {}",
+                        humantime::format_duration(Duration::from_secs(left.as_secs().max(1)))
+                    ),
+                )
             }
-            _ => match shared.metrics.link_error_to_log(code, now_ms() as u64) {
-                Some(0) => warn!(code = code.as_str_name(), "link closed: {}", closed.reason),
-                Some(unlogged) => warn!(
+            (None, Ok(_slot)) => session.serve(&mut link, &shutdown, &span).await,
+        };
+        if let (Some(addr), Some(code)) = (addr, closed.code) {
+            if counts_against_source(code) {
+                shared.guard.failure(
+                    addr,
+                    code.as_str_name(),
+                    session.claimed.as_deref(),
+                    now_ms(),
+                );
+            }
+        }
+        if let Some(code) = closed.code {
+            shared.metrics.record_link_error(code);
+            let err = message(gateway_message::Body::Error(proto::v1::Error {
+                code: code as i32,
+                message: closed.reason.clone(),
+            }));
+            // Best effort: the peer may already be gone or not reading.
+            let _ = timeout(shared.config.write_timeout, link.send(err)).await;
+            match code {
+                ErrorCode::Superseded | ErrorCode::ShuttingDown => {
+                    debug!(code = code.as_str_name(), "link closed: {}", closed.reason)
+                }
+                _ => match shared.metrics.link_error_to_log(code, now_ms() as u64) {
+                    Some(0) => warn!(code = code.as_str_name(), "link closed: {}", closed.reason),
+                    Some(unlogged) => warn!(
                     code = code.as_str_name(),
                     unlogged,
                     "link closed: {} (and {unlogged} more with this code since the last such line)",
                     closed.reason
                 ),
-                None => debug!(code = code.as_str_name(), "link closed: {}", closed.reason),
-            },
+                    None => debug!(code = code.as_str_name(), "link closed: {}", closed.reason),
+                },
+            }
+        } else {
+            debug!("link closed: {}", closed.reason);
         }
-    } else {
-        debug!("link closed: {}", closed.reason);
+        let _ = timeout(Duration::from_secs(1), link.close()).await;
     }
-    let _ = timeout(Duration::from_secs(1), link.close()).await;
 }
 
 /// Whether a link closed with `code` counts as a failure of its source address (bad
@@ -479,7 +485,7 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    let drained = self.drain(link, &mut acks).await;
+                    let drained = Box::pin(self.drain(link, &mut acks)).await;
                     return Ended::Closed(drained.err().unwrap_or_else(|| Closed::with(ErrorCode::ShuttingDown, "gateway is shutting down")));
                 }
                 _ = registration.ended.cancelled() => {
@@ -518,7 +524,7 @@ impl Session<'_> {
                     match loaded {
                         Ok(Ok(commands)) => {
                             for command in commands {
-                                if let Err(closed) = self.deliver(link, &device, command).await {
+                                if let Err(closed) = Box::pin(self.deliver(link, &device, command)).await {
                                     return Ended::Closed(closed);
                                 }
                             }
@@ -527,9 +533,11 @@ impl Session<'_> {
                         Err(_) => {}
                     }
                 }
-                Some(command) = registration.commands.recv() => {
-                    if let Err(closed) = self.deliver(link, &device, *command).await {
-                        return Ended::Closed(closed);
+                _ = pace.command_ready.notified() => {
+                    while let Some(command) = pace.next_command() {
+                        if let Err(closed) = Box::pin(self.deliver(link, &device, *command)).await {
+                            return Ended::Closed(closed);
+                        }
                     }
                 }
                 _ = &mut idle => {
@@ -543,7 +551,7 @@ impl Session<'_> {
                         // A device may half-close after its last frame and still read:
                         // answer what it sent before closing our side.
                         None => {
-                            let drained = self.drain(link, &mut acks).await;
+                            let drained = Box::pin(self.drain(link, &mut acks)).await;
                             return Ended::Closed(drained.err().unwrap_or_else(|| Closed::quietly("peer closed the link")));
                         }
                         Some(Err(e)) => return Ended::Closed(Closed { code: codec_error_code(&e), reason: e.to_string() }),
@@ -578,7 +586,13 @@ impl Session<'_> {
                                 acks: ack_tx.clone(),
                             };
                             self.in_flight.push_back((seq, arrived));
-                            if self.shared.writer.send(frame).await.is_err() {
+                            // The queue-full path is boxed (see `WriterHandle::queue`).
+                            let queued = match self.shared.writer.queue(frame) {
+                                Queued::Done => Ok(()),
+                                Queued::Stopped => Err(WriterStopped),
+                                Queued::Wait(wait) => wait.await,
+                            };
+                            if queued.is_err() {
                                 return Ended::Closed(Closed::with(ErrorCode::ShuttingDown, "the store is closed"));
                             }
                             self.last_forwarded = seq;
@@ -604,7 +618,7 @@ impl Session<'_> {
                         }
                         Step::Authenticate(hello) => {
                             // The device restarted (serial): answer what it sent before.
-                            return match self.drain(link, &mut acks).await {
+                            return match Box::pin(self.drain(link, &mut acks)).await {
                                 Ok(()) => Ended::HelloAgain(hello),
                                 Err(closed) => Ended::Closed(closed),
                             };

@@ -106,10 +106,33 @@ impl FrameBody {
     }
 }
 
+/// What [`WriterHandle::queue`] did with a frame.
+pub enum Queued<'a> {
+    /// Queued.
+    Done,
+    /// The writer has stopped.
+    Stopped,
+    /// The queue is full: this waits for room (backpressure: the session stops reading its
+    /// socket meanwhile), then queues the frame. Boxed, so the waiting state is paid only
+    /// while waiting, not by every idle session's future.
+    Wait(
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), WriterStopped>> + Send + 'a>>,
+    ),
+}
+
 impl WriterHandle {
     /// Queues a frame, waiting while the queue is full (backpressure). Fails only when the
     /// writer has stopped.
     pub async fn send(&self, frame: WriteFrame) -> Result<(), WriterStopped> {
+        match self.queue(frame) {
+            Queued::Done => Ok(()),
+            Queued::Stopped => Err(WriterStopped),
+            Queued::Wait(wait) => wait.await,
+        }
+    }
+
+    /// Queues a frame if there is room now; otherwise says how to wait for room.
+    pub fn queue(&self, frame: WriteFrame) -> Queued<'_> {
         let readings = frame.body.readings();
         // A frame takes room for its readings first (a frame bigger than the whole queue
         // takes all of it), then a slot.
@@ -117,25 +140,40 @@ impl WriterHandle {
         match self.room.try_acquire_many(need) {
             Ok(permit) => permit.forget(),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
-                self.metrics.store_queue_full.inc();
-                self.filled.notify_one();
-                match self.room.acquire_many(need).await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => return Err(WriterStopped),
-                }
+                self.full();
+                return Queued::Wait(Box::pin(async move {
+                    match self.room.acquire_many(need).await {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => return Err(WriterStopped),
+                    }
+                    match self.tx.try_send(frame) {
+                        Ok(()) => Ok(()),
+                        Err(mpsc::error::TrySendError::Full(frame)) => {
+                            self.full();
+                            self.tx.send(frame).await.map_err(|_| WriterStopped)
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => Err(WriterStopped),
+                    }
+                }));
             }
-            Err(tokio::sync::TryAcquireError::Closed) => return Err(WriterStopped),
+            Err(tokio::sync::TryAcquireError::Closed) => return Queued::Stopped,
         }
         match self.tx.try_send(frame) {
-            Ok(()) => Ok(()),
+            Ok(()) => Queued::Done,
             Err(mpsc::error::TrySendError::Full(frame)) => {
-                // Backpressure: this session waits (and stops reading its socket).
-                self.metrics.store_queue_full.inc();
-                self.filled.notify_one();
-                self.tx.send(frame).await.map_err(|_| WriterStopped)
+                self.full();
+                Queued::Wait(Box::pin(async move {
+                    self.tx.send(frame).await.map_err(|_| WriterStopped)
+                }))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(WriterStopped),
+            Err(mpsc::error::TrySendError::Closed(_)) => Queued::Stopped,
         }
+    }
+
+    /// Counts a full queue and wakes the pacer.
+    fn full(&self) {
+        self.metrics.store_queue_full.inc();
+        self.filled.notify_one();
     }
 
     /// Watches how full the queue is without keeping the writer alive (it stops when the
