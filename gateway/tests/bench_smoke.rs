@@ -2,20 +2,13 @@
 //! the gateway binary, and must produce its figures and lose nothing. How fast is never
 //! asserted.
 
+mod common;
+
 use firmware_sim::bench::{self, BenchOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bench_scenario_produces_figures_and_loses_nothing() {
-    let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists());
-    if !mosquitto {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "mosquitto is not installed, and CI is set"
-        );
-        eprintln!("SKIPPED uplink and replay: mosquitto is not installed");
-    }
+    let mosquitto = common::mqtt::mosquitto_or_skip("uplink and replay");
     let options = BenchOptions {
         gateway_bin: env!("CARGO_BIN_EXE_gateway").into(),
         seconds: 1.0,

@@ -4,21 +4,15 @@
 //! be in the store exactly once and published at least once. The 30-minute run is on demand
 //! (`firmware-sim chaos --duration 30m`, figures in BENCHMARKS.md).
 
+mod common;
+
 use std::time::Duration;
 
 use firmware_sim::chaos::{self, ChaosOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minute_of_chaos_loses_nothing_stores_nothing_twice_and_publishes_everything() {
-    let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists());
-    if !mosquitto {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "mosquitto is not installed, and CI is set"
-        );
-        eprintln!("SKIPPED: mosquitto is not installed");
+    if !common::mqtt::mosquitto_or_skip("the chaos soak") {
         return;
     }
     let options = ChaosOptions {

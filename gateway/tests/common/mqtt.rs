@@ -40,6 +40,20 @@ fn mosquitto_path() -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
+/// Whether Mosquitto is installed; without it a test skips (saying so), unless `CI` is set:
+/// then a missing Mosquitto fails the test.
+pub fn mosquitto_or_skip(what: &str) -> bool {
+    if mosquitto_path().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "mosquitto is not installed, and CI is set: install Debian's `mosquitto` (.ci/run does)"
+    );
+    eprintln!("SKIPPED {what}: mosquitto is not installed (apt-get install mosquitto)");
+    false
+}
+
 impl TestBroker {
     /// Starts a broker of `kind` on a free port. `None` (with a note) when Mosquitto is not
     /// installed, unless `CI` is set: then a missing Mosquitto fails the test.
