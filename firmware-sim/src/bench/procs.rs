@@ -252,8 +252,15 @@ impl Mosquitto {
             mosquitto_bin().context("mosquitto is not installed (apt-get install mosquitto)")?;
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         let persistence = if persistent {
+            // Started as root, Mosquitto switches to its own user unless told not to, and
+            // could then not write its sessions into `dir`.
+            let user = if nix::unistd::Uid::effective().is_root() {
+                "user root\n"
+            } else {
+                ""
+            };
             format!(
-                "persistence true\npersistence_location {}/\npersistence_file mosquitto-{port}.db\n",
+                "persistence true\npersistence_location {}/\npersistence_file mosquitto-{port}.db\n{user}",
                 dir.display()
             )
         } else {
