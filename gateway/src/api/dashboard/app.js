@@ -175,7 +175,8 @@ function readingsLastMinute(id) {
   const [t1, n1] = seen[seen.length - 1];
   const span = t1 - t0;
   if (span <= 0) return null;
-  return span >= 60000 ? n1 - n0 : ((n1 - n0) * 60000) / span;
+  // A count of readings: whole numbers (an estimate until a minute has been seen).
+  return span >= 60000 ? n1 - n0 : Math.round(((n1 - n0) * 60000) / span);
 }
 
 function sortValue(d, key) {
