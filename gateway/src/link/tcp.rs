@@ -22,10 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::session::{task, LinkKind, Shared};
 
-/// Initial read buffer of a link, bytes: two or three typical frames (a Telemetry of 8
+/// Initial read buffer of a link, bytes: a typical frame (a Telemetry of 8
 /// readings is ~180 bytes); it grows for larger frames. 2 KiB measured no faster on ingest
 /// and cost 1.5 KiB more per idle link (BENCHMARKS.md).
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 256;
 /// Initial write buffer of a link, bytes: acks and pongs are a few bytes each.
 const WRITE_BUFFER: usize = 64;
 

@@ -6,7 +6,7 @@
 //! and its shutdown: on cancellation it stops reading, waits (bounded) for its queued frames
 //! to commit, sends the final `Ack` and `ERROR_CODE_SHUTTING_DOWN`, and closes.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use proto::v1::{
 };
 use proto::CodecError;
 use tokio::sync::watch;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -469,17 +469,18 @@ impl Session<'_> {
         let (ack_tx, mut acks) = watch::channel(Durable::default());
         let ack_tx = Arc::new(ack_tx);
         let idle_timeout = self.shared.config.idle_timeout;
-        let idle = sleep(idle_timeout);
-        tokio::pin!(idle);
+        let mut idle_at = Instant::now() + idle_timeout;
         let limits = self.shared.limits.config();
         // `limits.device_readings_per_second`: while over, the link is not read.
         let mut gate = RateGate::new(limits.device_readings_per_second, Instant::now());
-        // Made once and reset when needed: a timer made per loop turn costs every frame.
-        let hold = sleep(Duration::ZERO);
-        tokio::pin!(hold);
+        // One timer, made once and reset when needed (a timer made per loop turn costs every
+        // frame; each one kept costs every idle link): the idle deadline, or while `holding`
+        // the end of a rate-limit hold.
+        let timer = sleep_until(idle_at);
+        tokio::pin!(timer);
         let mut holding = false;
-        // The device's sensor names, loaded at its first Telemetry.
-        let mut sensors: Option<HashSet<String>> = None;
+        // The device's sensor names, sorted, loaded at its first Telemetry.
+        let mut sensors: Option<Vec<Box<str>>> = None;
 
         loop {
             tokio::select! {
@@ -540,11 +541,12 @@ impl Session<'_> {
                         }
                     }
                 }
-                _ = &mut idle => {
-                    return Ended::Closed(Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}")));
-                }
-                _ = &mut hold, if holding => {
+                _ = &mut timer => {
+                    if !holding {
+                        return Ended::Closed(Closed::with(ErrorCode::IdleTimeout, format!("nothing received for {idle_timeout:?}")));
+                    }
                     holding = false;
+                    timer.as_mut().reset(idle_at);
                 }
                 frame = link.next(), if !holding => {
                     let msg = match frame {
@@ -558,7 +560,8 @@ impl Session<'_> {
                         Some(Ok(msg)) => msg,
                     };
                     let arrived = Instant::now();
-                    idle.as_mut().reset(arrived + idle_timeout);
+                    idle_at = arrived + idle_timeout;
+                    timer.as_mut().reset(idle_at);
                     let received_ms = now_ms();
                     registration.state.last_seen_ms.store(received_ms, Ordering::Relaxed);
                     match self.state.on_message(msg, received_ms as u64) {
@@ -572,7 +575,7 @@ impl Session<'_> {
                                 let wait = gate.take(body.readings(), arrived);
                                 if !wait.is_zero() {
                                     self.shared.limits.hit(Limit::DeviceRate);
-                                    hold.as_mut().reset(arrived + wait);
+                                    timer.as_mut().reset(arrived + wait);
                                     holding = true;
                                 }
                             }
@@ -635,7 +638,7 @@ impl Session<'_> {
         &self,
         device: &str,
         t: &proto::v1::Telemetry,
-        sensors: &mut Option<HashSet<String>>,
+        sensors: &mut Option<Vec<Box<str>>>,
     ) -> Result<(), Closed> {
         let limits = &self.shared.limits;
         let config = limits.config();
@@ -657,12 +660,16 @@ impl Session<'_> {
                 let names = Box::pin(devices::sensor_names(&self.shared.reads, device))
                     .await
                     .map_err(|e| Closed::with(ErrorCode::Internal, format!("store: {e}")))?;
-                sensors.insert(names.into_iter().collect())
+                let mut names: Vec<Box<str>> =
+                    names.into_iter().map(String::into_boxed_str).collect();
+                names.sort_unstable();
+                names.dedup();
+                sensors.insert(names)
             }
         };
         let max = config.max_sensors_per_device as usize;
         for r in &t.readings {
-            if !known.contains(&r.sensor) {
+            if let Err(at) = known.binary_search_by(|k| (**k).cmp(r.sensor.as_str())) {
                 if known.len() >= max {
                     limits.hit(Limit::SensorsPerDevice);
                     return Err(Closed::with(
@@ -674,7 +681,7 @@ impl Session<'_> {
                         ),
                     ));
                 }
-                known.insert(r.sensor.clone());
+                known.insert(at, r.sensor.as_str().into());
             }
         }
         Ok(())
