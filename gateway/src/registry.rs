@@ -6,8 +6,8 @@
 //! revoke marks the link revoked and cancels the same token, and it closes with
 //! `ERROR_CODE_DEVICE_REVOKED` at once. Each entry shares one small allocation with its link:
 //! the last-heard clock, the revoked mark, the pacing state and a bounded queue of commands
-//! (empty, it allocates nothing: state per idle link is counted in bytes). Short critical sections under a mutex; nothing
-//! awaits while holding it.
+//! (empty, it allocates nothing: state per idle link is counted in bytes). Short critical
+//! sections under a mutex; nothing awaits while holding it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

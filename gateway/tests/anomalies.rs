@@ -27,15 +27,7 @@ fn shipped(name: &str) -> Scenario {
 }
 
 async fn api(http: SocketAddr, path: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!("http://{http}{path}"))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
-        .expect("GET")
-        .json()
-        .await
-        .expect("JSON")
+    api_get(http, path).await.1
 }
 
 /// Runs scenario `name` with `seed` through a gateway process (with `extra` flags); returns

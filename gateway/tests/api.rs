@@ -22,17 +22,8 @@ fn client() -> reqwest::Client {
         .expect("http client")
 }
 
-/// GET with the test token; the status and the JSON body.
-async fn get(http: SocketAddr, path: &str) -> (u16, Value) {
-    let r = client()
-        .get(format!("http://{http}{path}"))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
-        .expect("GET");
-    let status = r.status().as_u16();
-    (status, r.json().await.expect("JSON body"))
-}
+// GET with the test token: the status and the JSON body.
+use common::api_get as get;
 
 /// POST JSON with the test token; the status and the JSON body.
 async fn post(http: SocketAddr, path: &str, body: Value) -> (u16, Value) {

@@ -218,12 +218,18 @@ fn run_on(db: &std::path::Path) -> (Option<i32>, String) {
     panic!("the gateway kept running on {}", db.display());
 }
 
+/// A store made by the gateway itself (`devices add`), in `dir`.
+fn seeded_store(dir: &std::path::Path) -> std::path::PathBuf {
+    let db = dir.join("g.db");
+    let out = gateway(&["devices", "--db", db.to_str().unwrap(), "add", "seed"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    db
+}
+
 #[test]
 fn a_damaged_store_stops_the_gateway_naming_the_file_and_is_left_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("g.db");
-    let out = gateway(&["devices", "--db", db.to_str().unwrap(), "add", "seed"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let db = seeded_store(dir.path());
     // Enough rows for a table of many pages, then a page in its middle overwritten.
     let mut conn = rusqlite::Connection::open(&db).unwrap();
     let tx = conn.transaction().unwrap();
@@ -272,9 +278,7 @@ fn a_damaged_store_stops_the_gateway_naming_the_file_and_is_left_as_it_was() {
 #[test]
 fn a_store_from_a_newer_gateway_is_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("g.db");
-    let out = gateway(&["devices", "--db", db.to_str().unwrap(), "add", "seed"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let db = seeded_store(dir.path());
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)

@@ -324,15 +324,9 @@ async fn the_dashboard_shows_the_fleet_live_and_survives_a_gateway_restart() {
     // The history it drew is what the readings API says.
     let url = eval(&page, "window.dashboard.historyUrl").await;
     let history = eval(&page, "window.dashboard.history").await;
-    let api: Value = reqwest::Client::new()
-        .get(format!("http://{http}{}", url.as_str().unwrap()))
-        .bearer_auth(API_TOKEN)
-        .send()
+    let api: Value = api_get(http.parse().unwrap(), url.as_str().unwrap())
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     let mut from_api = serde_json::Map::new();
     for b in api["buckets"].as_array().unwrap() {
         from_api

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{telemetry, RawClient, TestGateway, API_TOKEN};
+use common::{api_get, telemetry, RawClient, TestGateway};
 use futures::{SinkExt, StreamExt};
 use proto::v1::gateway_message;
 
@@ -128,16 +128,9 @@ async fn healthz(http: std::net::SocketAddr) -> (u16, String) {
 }
 
 async fn stats_full(http: std::net::SocketAddr) -> bool {
-    let body: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{http}/api/v1/stats"))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
+    api_get(http, "/api/v1/stats").await.1["store_full"]
+        .as_bool()
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["store_full"].as_bool().unwrap()
 }
 
 /// Stored frames of the device: (distinct seqs, rows per seq all equal to READINGS).

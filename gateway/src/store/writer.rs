@@ -121,17 +121,8 @@ pub enum Queued<'a> {
 }
 
 impl WriterHandle {
-    /// Queues a frame, waiting while the queue is full (backpressure). Fails only when the
-    /// writer has stopped.
-    pub async fn send(&self, frame: WriteFrame) -> Result<(), WriterStopped> {
-        match self.queue(frame) {
-            Queued::Done => Ok(()),
-            Queued::Stopped => Err(WriterStopped),
-            Queued::Wait(wait) => wait.await,
-        }
-    }
-
-    /// Queues a frame if there is room now; otherwise says how to wait for room.
+    /// Queues a frame if there is room now; otherwise says how to wait for room
+    /// (backpressure). Fails only when the writer has stopped.
     pub fn queue(&self, frame: WriteFrame) -> Queued<'_> {
         let readings = frame.body.readings();
         // A frame takes room for its readings first (a frame bigger than the whole queue

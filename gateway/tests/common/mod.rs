@@ -401,6 +401,21 @@ pub async fn spawn_gateway(
     panic!("the gateway exited before listening; see {}", log.display());
 }
 
+/// GET an operator API path with the test token: the status and the JSON body.
+pub async fn api_get(http: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client")
+        .get(format!("http://{http}{path}"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .expect("GET");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("JSON body"))
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released, so a restarted gateway can reuse it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
