@@ -314,6 +314,7 @@ pub fn spawn(
         backlog,
         metrics,
         dropping: false,
+        dropped_to: 0,
         retention: first_retention,
         retention_updates: retention,
         pruned: Pruned::default(),
@@ -361,6 +362,9 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Whether `drop-oldest` is dropping now (to log the start and end once).
     dropping: bool,
+    /// The backlog's bytes right after the last drop: an episode ends when publishing takes
+    /// it under half the budget, not when a drop of uneven rows overshot below half.
+    dropped_to: u64,
     /// `store.retention`.
     retention: Option<Duration>,
     /// Its new values (a reload).
@@ -728,7 +732,7 @@ impl Writer {
         if backlog.policy() != BacklogPolicy::DropOldest {
             return;
         }
-        if self.dropping && backlog.bytes() < backlog.budget() / 2 {
+        if self.dropping && backlog.bytes() < (backlog.budget() / 2).min(self.dropped_to) {
             self.dropping = false;
             backlog.set_full(false);
             tracing::info!(
@@ -767,6 +771,7 @@ impl Writer {
                 }
             }
         }
+        self.dropped_to = backlog.bytes();
     }
 }
 
